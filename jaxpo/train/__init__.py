@@ -1,0 +1,1 @@
+"""jaxpo.train."""

@@ -1,1 +1,21 @@
-"""jaxpo.models."""
+"""jaxpo.models: the Llama-family decoder, Hugging Face checkpoints and generation."""
+
+from jaxpo.models.attention import tree_mask
+from jaxpo.models.config import ModelConfig, RopeScaling, get_preset, preset_names
+from jaxpo.models.generate import GenerateOutput, generate
+from jaxpo.models.hf_io import export_hf, load_hf, read_config
+from jaxpo.models.transformer import Transformer
+
+__all__ = [
+    "GenerateOutput",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "export_hf",
+    "generate",
+    "get_preset",
+    "load_hf",
+    "preset_names",
+    "read_config",
+    "tree_mask",
+]

@@ -9,11 +9,15 @@ and applied with ``jax.lax.with_sharding_constraint``.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import threading
 from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -45,6 +49,22 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
+def fit_spec(
+    shape: Sequence[int], spec: PartitionSpec, mesh: Mesh, *, where: str = "array"
+) -> PartitionSpec:
+    """Replicates each dimension of ``spec`` that its mesh axes do not divide (logged)."""
+    out = list(spec) + [None] * (len(shape) - len(spec))
+    for i, (dim, axes) in enumerate(zip(shape, out)):
+        if axes is None:
+            continue
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        if dim % size:
+            log.warning("%s: dim %d of size %d is not divisible by mesh axes %s (size %d); "
+                        "replicating it", where, i, dim, axes, size)
+            out[i] = None
+    return PartitionSpec(*out)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Constrains ``x``'s sharding by logical axis names when rules are active."""
     active = getattr(_state, "active", None)
@@ -52,4 +72,5 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     spec = logical_to_spec(names, rules)
+    spec = fit_spec(x.shape, spec, mesh, where=f"constrain{tuple(names)}")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

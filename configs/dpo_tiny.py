@@ -1,0 +1,18 @@
+"""DPO on the synthetic sorting task's preference pairs (the embedded default, as a preset).
+
+    jaxpo train --config=configs/dpo_tiny.py --workdir=runs/dpo_tiny
+
+A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
+pair split into the workdir); runs on a CPU in a few minutes.
+"""
+
+
+def get_config() -> dict:
+    return {
+        "model": {"preset": "tiny"},
+        "data": {"format": "pair", "max_length": 32, "max_prompt_length": 16, "batch_size": 16},
+        "loss": {"name": "dpo", "beta": 0.1},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
+        "train": {"steps": 200, "sft_warmup_steps": 400,
+                  "checkpoint_every": 100, "eval_every": 100},
+    }

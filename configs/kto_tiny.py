@@ -1,0 +1,21 @@
+"""KTO on unpaired completions labelled desirable (exactly sorted) or undesirable.
+
+    jaxpo train --config=configs/kto_tiny.py --workdir=runs/kto_tiny
+
+A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
+unpaired split into the workdir); runs on a CPU in a few minutes.
+"""
+
+
+def get_config() -> dict:
+    return {
+        "model": {"preset": "tiny"},
+        "data": {
+            "format": "unpaired", "max_length": 32, "max_prompt_length": 16, "batch_size": 16,
+            "max_responses": 1,
+        },
+        "loss": {"name": "kto", "beta": 0.1},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
+        "train": {"steps": 200, "sft_warmup_steps": 400,
+                  "checkpoint_every": 100, "eval_every": 100},
+    }

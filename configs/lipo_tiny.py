@@ -1,0 +1,21 @@
+"""LiPO-lambda (listwise, lambda weights) on lists of 4 scored responses per prompt.
+
+    jaxpo train --config=configs/lipo_tiny.py --workdir=runs/lipo_tiny
+
+A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
+list split into the workdir); runs on a CPU in a few minutes.
+"""
+
+
+def get_config() -> dict:
+    return {
+        "model": {"preset": "tiny"},
+        "data": {
+            "format": "list", "max_length": 64, "max_prompt_length": 16, "batch_size": 8,
+            "max_responses": 4,
+        },
+        "loss": {"name": "lipo_lambda", "beta": 0.05},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
+        "train": {"steps": 200, "sft_warmup_steps": 400,
+                  "checkpoint_every": 100, "eval_every": 100},
+    }

@@ -1,0 +1,18 @@
+"""ORPO (SFT + odds-ratio penalty in one loss, no reference, no warm-up) on the synthetic pairs.
+
+    jaxpo train --config=configs/orpo_tiny.py --workdir=runs/orpo_tiny
+
+A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
+pair split into the workdir); runs on a CPU in a few minutes.
+"""
+
+
+def get_config() -> dict:
+    return {
+        "model": {"preset": "tiny"},
+        "data": {"format": "pair", "max_length": 32, "max_prompt_length": 16, "batch_size": 16},
+        "loss": {"name": "orpo", "kwargs": "alpha=0.1"},
+        "reference": {"mode": "none"},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
+        "train": {"steps": 600, "checkpoint_every": 100, "eval_every": 100},
+    }

@@ -1,0 +1,151 @@
+"""Grouped-query attention with the tree-packed mask and an optional KV cache.
+
+Axis layout: ``B`` batch rows, ``T`` query positions, ``S`` key positions, ``H`` query heads,
+``K`` key/value heads (``H = K * G``), ``hd`` head width, ``D`` model width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpo.models.config import ModelConfig
+from jaxpo.models.rope import apply_rope, inv_frequencies
+
+Cache = tuple[jax.Array, jax.Array]  # keys, values: [B, L, K, hd] each
+
+
+def tree_mask(segment: jax.Array, node_pre: jax.Array, node_last: jax.Array) -> jax.Array:
+    """The packed-batch attention mask ``[B, S, S]`` (query, key).
+
+    Key k is visible to query q iff ``segment[k] == segment[q] != 0``, ``k <= q`` and
+    ``node_pre[k] <= node_pre[q] <= node_last[k]``; a padding query sees itself only, so its
+    softmax is finite.
+
+    >>> seg = jnp.array([[1, 1, 1, 1]]); pre = jnp.array([[0, 0, 1, 2]])
+    >>> last = jnp.array([[2, 2, 1, 2]])
+    >>> tree_mask(seg, pre, last)[0].astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    """
+    q = (slice(None), slice(None), None)  # query axis
+    k = (slice(None), None, slice(None))  # key axis
+    size = segment.shape[-1]
+    causal = jnp.tril(jnp.ones((size, size), bool))[None]
+    same = (segment[q] == segment[k]) & (segment[q] != 0)
+    ancestor = (node_pre[k] <= node_pre[q]) & (node_pre[q] <= node_last[k])
+    return (same & ancestor & causal) | jnp.eye(size, dtype=bool)[None]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+           impl: str = "dense") -> jax.Array:
+    """Masked softmax attention, fp32 scores and softmax.
+
+    Args:
+      q: queries ``[B, T, H, hd]``.
+      k: keys ``[B, S, K, hd]``; ``H`` is a multiple of ``K``.
+      v: values ``[B, S, K, hd]``.
+      mask: bool ``[B, T, S]``, True where the key is visible; every query sees some key.
+      impl: ``dense`` (reference einsum path) or ``dot_product`` (``jax.nn``).
+
+    Returns:
+      ``[B, T, H, hd]`` in ``q.dtype``.
+    """
+    batch, length, heads, head_dim = q.shape
+    scale = 1.0 / np.sqrt(head_dim)
+    if impl == "dot_product":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    groups = heads // k.shape[2]
+    qg = q.reshape(batch, length, k.shape[2], groups, head_dim)  # [B, T, K, G, hd]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...],
+          cfg: ModelConfig, init: str = "normal") -> nnx.Param:
+    """A parameter in ``cfg.param_dtype`` tagged with logical axis ``names``."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    if init == "normal":
+        value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
+        value = value.astype(dtype)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+    # Sharding is applied by jaxpo.sharding from the names, not eagerly at creation.
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` over the last axis, normalised in fp32."""
+
+    def __init__(self, size: int, cfg: ModelConfig, axis_name: str = "embed"):
+        self.eps = cfg.rms_norm_eps
+        self.scale = param(None, (size,), (axis_name,), cfg, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return xf.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k/v bias and per-head q/k norm."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = param(None, (h, hd), ("heads", "head_dim"), cfg, init="zeros")
+            self.k_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+            self.v_bias = param(None, (kv, hd), ("kv_heads", "head_dim"), cfg, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = param(None, (d,), ("embed",), cfg, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg, axis_name="head_dim")
+            self.k_norm = RMSNorm(hd, cfg, axis_name="head_dim")
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: Cache | None = None, cache_index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, Cache | None]:
+        """Attends ``x`` ``[B, T, D]``; with a cache, writes keys at ``cache_index`` first.
+
+        Args:
+          x: inputs ``[B, T, D]`` in the compute dtype.
+          positions: RoPE positions ``[B, T]``.
+          mask: bool ``[B, T, S]``; ``S = T`` without a cache, the cache length with one.
+          cache: optional ``(keys, values)`` ``[B, L, K, hd]``.
+          cache_index: scalar slot where this call's ``T`` keys are written.
+
+        Returns:
+          ``([B, T, D], updated cache or None)``.
+        """
+        cfg, dtype = self.cfg, x.dtype
+        q = jnp.einsum("btd,dhe->bthe", x, self.q[...].astype(dtype))  # [B, T, H, hd]
+        k = jnp.einsum("btd,dke->btke", x, self.k[...].astype(dtype))  # [B, T, K, hd]
+        v = jnp.einsum("btd,dke->btke", x, self.v[...].astype(dtype))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = inv_frequencies(cfg)  # numpy constant, computed at trace time
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
+                     jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
+            k, v = cache
+        out = attend(q, k, v, mask, impl=cfg.attention)  # [B, T, H, hd]
+        y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dtype))
+        if cfg.o_bias:
+            y = y + self.o_bias[...].astype(dtype)
+        return y, cache

@@ -1,0 +1,157 @@
+"""The Llama-family decoder (Flax NNX).
+
+>>> from flax import nnx
+>>> from jaxpo.models.config import get_preset
+>>> model = Transformer(get_preset("tiny", vocab_size=64, num_layers=1), rngs=nnx.Rngs(0))
+>>> tokens = jnp.zeros((2, 5), jnp.int32)
+>>> nnx.eval_shape(lambda m, t: m(t), model, tokens).shape  # model(tokens) without computing
+(2, 5, 64)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpo.models.attention import Attention, Cache, RMSNorm, param, tree_mask
+from jaxpo.models.config import ModelConfig
+from jaxpo.sharding.logical import constrain
+
+_ACTIVATION = ("batch", "length", "embed")
+
+# Per-block rematerialisation: "block" keeps the projection outputs and recomputes the rest
+# (norms, RoPE, softmax, SiLU); "full" keeps only each block's input.
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class MLP(nnx.Module):
+    """SiLU-gated MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        gate = x @ self.gate[...].astype(dtype)  # [B, T, F]
+        up = x @ self.up[...].astype(dtype)
+        return (jax.nn.silu(gate) * up) @ self.down[...].astype(dtype)  # [B, T, D]
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: attention then MLP, each with a residual."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: Cache | None = None, cache_index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, Cache | None]:
+        h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+        x = constrain(x + h, _ACTIVATION)
+        x = constrain(x + self.mlp(self.mlp_norm(x)), _ACTIVATION)
+        return x, cache
+
+
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    return block(x, positions, mask)[0]
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer of the Llama family, configured by a :class:`ModelConfig`.
+
+    Parameters (logical axes in brackets): ``embed`` ``[V, D]`` (vocab, embed); per block
+    ``attn.q`` ``[D, H, hd]``, ``attn.k``/``attn.v`` ``[D, K, hd]``, ``attn.o`` ``[H, hd, D]``,
+    ``mlp.gate``/``mlp.up`` ``[D, F]``, ``mlp.down`` ``[F, D]``, norms ``[D]``; ``lm_head``
+    ``[V, D]`` when embeddings are untied.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                                 cfg)
+
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[V, D]`` in the compute dtype (the embedding when tied)."""
+        table = self.embed if self.config.tie_word_embeddings else self.lm_head
+        return table[...].astype(self.config.dtype)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)  # [B, S, D]
+        return constrain(x, _ACTIVATION)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, segment: jax.Array,
+               node_pre: jax.Array, node_last: jax.Array) -> jax.Array:
+        """Hidden states after the final norm for a packed batch.
+
+        Args:
+          tokens: int32 ``[B, S]``.
+          positions: RoPE positions ``[B, S]`` (depth in the tree).
+          segment: group slot ``[B, S]``, 1-based, 0 = padding.
+          node_pre: preorder number of each token's node ``[B, S]``.
+          node_last: largest preorder number in that node's subtree ``[B, S]``.
+
+        Returns:
+          ``[B, S, D]`` in the compute dtype; a token sees only itself and its ancestors.
+        """
+        mask = tree_mask(segment, node_pre, node_last)  # [B, S, S]
+        run = _run_block
+        if self.config.remat != "none":
+            run = nnx.remat(_run_block, policy=_REMAT_POLICIES[self.config.remat])
+        x = self._embed(tokens)
+        for block in self.layers:
+            x = run(block, x, positions, mask)
+        return self.norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits ``[..., V]`` of hidden states ``[..., D]``."""
+        return jnp.einsum("...d,vd->...v", hidden, self.unembedding(),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Causal logits: ``tokens`` int32 ``[B, T]`` -> fp32 ``[B, T, V]`` (positions 0..T-1)."""
+        batch, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        ones, zeros = jnp.ones_like(tokens), jnp.zeros_like(tokens)
+        return self.logits(self.hidden(tokens, positions, ones, zeros, zeros))
+
+    def init_cache(self, batch: int, length: int) -> list[Cache]:
+        """An empty KV cache: one ``(keys, values)`` pair ``[B, L, K, hd]`` per layer."""
+        cfg = self.config
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+                for _ in range(cfg.num_layers)]
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: list[Cache], cache_index: jax.Array) -> tuple[jax.Array, list[Cache]]:
+        """Runs ``tokens`` ``[B, T]`` against a KV cache (prefill or one decode step).
+
+        Args:
+          tokens: int32 ``[B, T]``, written to cache slots ``cache_index .. cache_index+T-1``.
+          positions: RoPE positions ``[B, T]``.
+          mask: bool ``[B, T, L]``, which cache slots each query sees (including its own).
+          cache: from :meth:`init_cache` or a previous call.
+          cache_index: scalar int32 slot of the first token.
+
+        Returns:
+          ``(fp32 logits [B, T, V], updated cache)``.
+        """
+        x = self._embed(tokens)
+        new_cache = []
+        for block, layer_cache in zip(self.layers, cache):
+            x, layer_cache = block(x, positions, mask, layer_cache, cache_index)
+            new_cache.append(layer_cache)
+        return self.logits(self.norm(x)), new_cache

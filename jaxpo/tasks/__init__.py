@@ -1,0 +1,5 @@
+"""Bundled tasks: a synthetic preference task with a programmatic true reward (no download)."""
+
+from jaxpo.tasks import synthetic
+
+__all__ = ["synthetic"]

@@ -1,0 +1,206 @@
+"""The grain pipeline: determinism, resumable state, epochs, counters, multi-host slices."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+from test_data_layout import expected_responses, make_group, rebuild_responses
+
+from jaxpo.data.groups import GroupBuilder
+from jaxpo.data.pipeline import make_eval_iterator, make_train_iterator
+from jaxpo.data.sources import RecordSource
+from jaxpo.data.tokenize import Tokenizer
+from jaxpo.data.types import TokenizedGroup
+
+SHAPES = {  # layout → (batch_size, seq_len, rows)
+    "padded": {"batch_size": 4, "seq_len": 16, "rows": None},
+    "packed": {"batch_size": 4, "seq_len": 32, "rows": 2},
+    "share_prefix": {"batch_size": 4, "seq_len": 20, "rows": 2},
+}
+
+
+def make_records(n, seed=0, bad=(), too_long=()):
+    """Raw records: pairs and lists of token ids (a stand-in for parsed JSON)."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        k = 2 if i % 3 else 3
+        plen = 30 if i in too_long else int(rng.integers(1, 4))
+        records.append({"id": i, "prompt": rng.integers(1, 99, plen).tolist(),
+                        "responses": [rng.integers(1, 99, rng.integers(1, 4)).tolist()
+                                      for _ in range(k)], "bad": i in bad})
+    return records
+
+
+def build(record) -> TokenizedGroup | None:
+    if record["bad"]:
+        return None
+    node_tokens = [record["prompt"]] + record["responses"]
+    return make_group(record["id"], "list", node_tokens, [-1] + [0] * len(record["responses"]))
+
+
+def iterator(records, layout, **kwargs):
+    args = dict(layout=layout, max_responses=3, node_slots=8, seed=1, **SHAPES[layout])
+    args.update(kwargs)
+    return make_train_iterator(records, build, **args)
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def ids_of(batches):
+    return [int(i) for b in batches for i in b["group_id"][b["group_mask"]]]
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+    records = make_records(40)
+    a = take(iterator(records, "share_prefix"), 6)
+    assert_batches_equal(a, take(iterator(records, "share_prefix"), 6))
+    c = take(iterator(records, "share_prefix", seed=2), 6)
+    assert ids_of(a) != ids_of(c)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "share_prefix"])
+def test_restore_continues_exactly_across_epochs(layout):
+    records = make_records(23, bad={4}, too_long={7})
+    full = list(iterator(records, layout, num_epochs=3))
+    for k in (3, len(full) // 3 + 1):  # mid-epoch, and past the first epoch boundary
+        it = iterator(records, layout, num_epochs=3)
+        take(it, k)
+        state = json.loads(json.dumps(it.get_state()))
+        resumed = iterator(records, layout, num_epochs=3)
+        resumed.set_state(state)
+        assert_batches_equal(list(resumed), full[k:])
+        assert resumed.counters == iterator_counters(records, layout)
+
+
+def iterator_counters(records, layout):
+    it = iterator(records, layout, num_epochs=3)
+    for _ in it:
+        pass
+    return it.counters
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "share_prefix"])
+def test_epochs_cover_every_group_once_each_reshuffled(layout):
+    records = make_records(30, bad={3, 11}, too_long={5})
+    it = iterator(records, layout, num_epochs=2)
+    batches = list(it)
+    ids = ids_of(batches)
+    keep = [i for i in range(30) if i not in (3, 11, 5)]
+    assert collections.Counter(ids) == collections.Counter(keep * 2)
+    first_seen = list(dict.fromkeys(ids))
+    second = [i for n, i in enumerate(ids) if i in ids[:n]]
+    assert first_seen != second  # each epoch is shuffled differently
+    assert it.counters == {"records_read": 60, "records_skipped": 4,
+                           "groups_dropped_too_long": 2, "groups_packed": 54,
+                           "batches": len(batches), "epoch": 1}
+    for b in batches:
+        S = SHAPES[layout]["seq_len"]
+        assert b["tokens"].shape == (b["tokens"].shape[0], S)
+        assert b["response_nodes"].shape == (4, 3, 1) and b["scores"].shape == (4, 3)
+        got = rebuild_responses(b, 8)
+        groups = [build(records[i]) for i in b["group_id"][b["group_mask"]]]
+        assert got == expected_responses(groups)
+    # Batches close early only when the rows are full or the data ends.
+    assert all(b["group_mask"].all() for b in batches[:-1]) or layout != "padded"
+
+
+def test_eval_is_one_ordered_pass_padded_at_the_end():
+    records = make_records(10)
+    batches = list(make_eval_iterator(records, build, layout="padded", batch_size=4,
+                                      seq_len=16, max_responses=3, node_slots=4))
+    assert len(batches) == 3
+    assert ids_of(batches) == list(range(10))
+    np.testing.assert_array_equal(batches[-1]["group_mask"], [True, True, False, False])
+    np.testing.assert_array_equal(batches[-1]["group_id"], [8, 9, -1, -1])
+    assert not batches[-1]["response_mask"][2:].any()
+    assert (batches[-1]["segment"][2 * 3:] == 0).all()  # rows of empty groups are padding
+
+
+@pytest.mark.parametrize("layout", ["padded", "share_prefix"])
+def test_two_process_slices_form_the_global_batch(layout):
+    records = make_records(24)
+    rows = None if layout == "padded" else 4
+    kw = {"layout": layout, "batch_size": 4, "seq_len": 20, "max_responses": 3, "node_slots": 8,
+              "rows": rows, "num_epochs": 1, "shuffle": False}
+    slices = [list(make_train_iterator(records, build, process_index=p, process_count=2, **kw))
+              for p in range(2)]
+    assert sorted(ids_of(slices[0])) == list(range(0, 24, 2))  # each reads only its shard
+    assert sorted(ids_of(slices[1])) == list(range(1, 24, 2))
+    local_rows = slices[0][0]["tokens"].shape[0]
+    assert local_rows == (6 if layout == "padded" else 2)
+    for b0, b1 in zip(*slices):
+        glob = {k: np.concatenate([b0[k], b1[k]]) for k in b0}
+        ids = glob["response_nodes"][glob["response_mask"]][:, 0] // 8
+        half = len(b0["group_id"])
+        owner = np.repeat(np.arange(2), half)[np.nonzero(glob["response_mask"])[0]]
+        assert np.all(ids // local_rows == owner)  # process p's nodes lie in its own rows
+        groups = [build(records[i]) for i in glob["group_id"][glob["group_mask"]]]
+        assert rebuild_responses(glob, 8) == expected_responses(groups)
+
+
+def test_worker_processes_give_the_same_batches_and_state():
+    records = make_records(20)
+    base = list(iterator(records, "share_prefix", num_epochs=1))
+    it = iterator(records, "share_prefix", num_epochs=1, num_workers=2)
+    head = take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    assert_batches_equal(head, base[:2])
+    resumed = iterator(records, "share_prefix", num_epochs=1, num_workers=2)
+    resumed.set_state(state)
+    assert_batches_equal(list(resumed), base[2:])
+    resumed.close()
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
+
+
+@pytest.mark.parametrize("name", ["pairs_explicit", "pairs_implicit", "pairs_conversational",
+                                  "lists", "trees", "trees_flat", "unpaired"])
+def test_fixture_files_batch_in_every_layout(name):
+    builder = GroupBuilder(Tokenizer.from_dir(os.path.join(FIXTURES, "tokenizer_llama3")))
+    for ext in ("jsonl", "parquet"):
+        source = RecordSource(os.path.join(FIXTURES, f"{name}.{ext}"))
+        groups = [builder(source[i]) for i in range(len(source))]
+        for layout, seq_len in (("padded", 128), ("packed", 256), ("share_prefix", 128)):
+            it = make_eval_iterator(source, builder, layout=layout, batch_size=2,
+                                    seq_len=seq_len, max_responses=4, max_steps=3,
+                                    node_slots=16)
+            got = {}
+            for batch in it:
+                got.update(rebuild_responses(batch, 16))
+            assert got == expected_responses(groups), (name, ext, layout)
+            assert it.counters["groups"] == len(source) == it.counters["groups_packed"]
+
+
+def test_builder_skip_counts_reach_the_iterator_state(tmp_path):
+    path = tmp_path / "lists.jsonl"
+    rows = [{"prompt": "Hi.", "responses": [" A.", " B."], "scores": [1.0, 0.0]},
+            {"prompt": "Hi.", "responses": [" A.", " B."], "scores": [1.0, float("nan")]},
+            {"prompt": "Yo.", "responses": [" C.", " D."], "scores": [0.0, 2.0]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    builder = GroupBuilder(Tokenizer.from_dir(os.path.join(FIXTURES, "tokenizer_llama3")),
+                           on_bad_record="skip")
+    it = make_train_iterator(RecordSource(str(path)), builder, layout="share_prefix",
+                             batch_size=2, seq_len=64, max_responses=2, node_slots=4,
+                             num_epochs=1)
+    batches = list(it)
+    assert sorted(ids_of(batches)) == [0, 2]
+    state = json.loads(json.dumps(it.get_state()))
+    skipped = {k: v for k, v in state["counters"].items() if k.startswith("skipped/")}
+    assert sum(skipped.values()) == 1 and it.counters["records_skipped"] == 1

@@ -6,10 +6,11 @@
 One forward + backward of ``loss = Σ token log-probs`` at batch 1, row length S, width D: case
 ``head`` from given hidden states (gradients w.r.t. them and the unembedding), case ``decoder``
 through a 1-layer :class:`jaxpo.models.Transformer` (gradients w.r.t. all its parameters).
-Both variants gather the hidden state at ``pred_index``; ``unchunked`` then forms the full fp32 logits and a ``log_softmax``,
-``chunked`` is :func:`jaxpo.models.logprobs.token_logps`. Peak memory is XLA's compiled memory
-analysis (temp + argument + output bytes); time is the median wall time of a few runs. Both
-are measured side by side in one run and written to ``benchmarks/results/logprob_memory.json``.
+Both variants gather the hidden state at ``pred_index``; ``unchunked`` then forms the full
+fp32 logits and a ``log_softmax``, ``chunked`` is :func:`jaxpo.models.logprobs.token_logps`.
+Peak memory is XLA's compiled memory analysis (temp + argument + output bytes); time is the
+median wall time of a few runs. Both are measured side by side in one run and written to
+``benchmarks/results/logprob_memory.json``.
 """
 
 from __future__ import annotations
@@ -88,14 +89,16 @@ def peak_bytes(step, args) -> dict:
     return out, compiled
 
 
-def wall_seconds(compiled, args, repeats: int) -> float:
+def seconds(compiled, args, repeats: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds (CPU time is less sensitive to a busy machine)."""
     jax.block_until_ready(compiled(*args))  # warm up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def make_inputs(vocab: int, seq: int, dim: int, seed: int = 0):
@@ -107,7 +110,7 @@ def make_inputs(vocab: int, seq: int, dim: int, seed: int = 0):
     return hidden, unembedding, tokens, pred_index
 
 
-def run(cases, vocabs, seq, dim, chunk_sizes, repeats) -> list[dict]:
+def run(cases, vocabs, seq, dim, chunk_sizes, repeats, on_row=lambda rows: None) -> list[dict]:
     rows = []
     for case in cases:
         for vocab in vocabs:
@@ -119,15 +122,17 @@ def run(cases, vocabs, seq, dim, chunk_sizes, repeats) -> list[dict]:
             for name, chunk, fn in variants:
                 step, args = CASES[case](vocab, seq, dim, fn)
                 mem, compiled = peak_bytes(step, args)
-                seconds = wall_seconds(compiled, args, repeats)
+                wall, cpu = seconds(compiled, args, repeats)
                 values[(name, chunk)] = float(compiled(*args)[0])
                 row = {"case": case, "vocab": vocab, "seq": seq, "dim": dim, "variant": name,
-                       "chunk_size": chunk, **mem, "seconds": seconds}
+                       "chunk_size": chunk, **mem, "seconds": wall, "cpu_seconds": cpu}
                 base = base or row
                 row["peak_vs_unchunked"] = row["peak_bytes"] / base["peak_bytes"]
                 row["time_vs_unchunked"] = row["seconds"] / base["seconds"]
+                row["cpu_time_vs_unchunked"] = row["cpu_seconds"] / base["cpu_seconds"]
                 rows.append(row)
                 print_row(row)
+                on_row(rows)
                 del compiled, step, args
             ref = values[("unchunked", None)]
             for key, value in values.items():  # the variants compute the same loss
@@ -137,7 +142,8 @@ def run(cases, vocabs, seq, dim, chunk_sizes, repeats) -> list[dict]:
 
 def print_header():
     print(f"{'case':>7} {'V':>7} {'S':>5} {'D':>4} {'variant':>9} {'chunk':>5} {'peak MiB':>9} "
-          f"{'temp MiB':>9} {'peak/unch':>9} {'sec':>7} {'time/unch':>9}")
+          f"{'temp MiB':>9} {'peak/unch':>9} {'sec':>7} {'time/unch':>9} {'cpu s':>7} "
+          f"{'cpu/unch':>8}")
 
 
 def print_row(r):
@@ -145,7 +151,8 @@ def print_row(r):
     print(f"{r['case']:>7} {r['vocab']:>7} {r['seq']:>5} {r['dim']:>4} {r['variant']:>9} "
           f"{str(r['chunk_size'] or '-'):>5} {r['peak_bytes'] / mib:>9.1f} "
           f"{r['temp_bytes'] / mib:>9.1f} {r['peak_vs_unchunked']:>9.3f} "
-          f"{r['seconds']:>7.3f} {r['time_vs_unchunked']:>9.3f}", flush=True)
+          f"{r['seconds']:>7.3f} {r['time_vs_unchunked']:>9.3f} {r['cpu_seconds']:>7.2f} "
+          f"{r['cpu_time_vs_unchunked']:>8.3f}", flush=True)
 
 
 def main():
@@ -161,14 +168,14 @@ def main():
     vocabs = [int(v) for v in args.vocab.split(",")]
     chunks = [int(c) for c in args.chunk_sizes.split(",")]
     print_header()
-    rows = run(args.cases.split(","), vocabs, args.seq, args.dim, chunks, args.repeats)
     result = {
         "benchmark": "logprob_memory",
         "what": "forward+backward of sum(token log-probs), batch 1; case head: gradients "
                 "w.r.t. hidden and unembedding; case decoder: through a 1-layer decoder, "
                 "gradients w.r.t. all its parameters",
         "peak": "XLA compiled memory analysis: temp + argument + output bytes",
-        "time": f"median wall seconds of {args.repeats} runs after a warm-up",
+        "time": f"median wall (seconds) and process CPU (cpu_seconds) of {args.repeats} runs "
+                "after a warm-up",
         "target": "chunked <= 0.35 x unchunked peak at V=131072, S=2048; time within 1.10 x",
         "default_chunk_size": DEFAULT_CHUNK_SIZE,
         "backend": jax.default_backend(),
@@ -176,11 +183,16 @@ def main():
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "jax": jax.__version__,
-        "rows": rows,
+        "rows": [],
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+
+    def write(rows):  # after every row, so an interrupted run keeps what it measured
+        result["rows"] = rows
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    run(args.cases.split(","), vocabs, args.seq, args.dim, chunks, args.repeats, write)
     print(f"wrote {args.out}")
 
 

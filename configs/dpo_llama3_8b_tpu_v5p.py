@@ -1,12 +1,13 @@
 """DPO of Llama 3 8B Instruct on a TPU v5p pod slice (e.g. v5p-64: 32 chips), FSDP.
 
-    jaxpo train --config=configs/dpo_llama3_8b_tpu_v5p.py --workdir=gs://BUCKET/runs/dpo-8b \
+    jaxpo train --config=configs/dpo_llama3_8b_tpu_v5p.py --workdir=/mnt/shared/runs/dpo-8b \
         --config.model.path=/data/Meta-Llama-3-8B-Instruct \
         --config.data.train_files=/data/prefs/train-*.jsonl \
         --config.data.eval_files=/data/prefs/test.jsonl
 
-Run the same command on every host of the slice (docs/tpu.md). Paths are placeholders: the
-model directory holds config.json, *.safetensors and tokenizer.json (Hugging Face layout).
+Run the same command on every host of the slice (docs/tpu.md); the workdir must be on a
+filesystem all hosts share. Paths are placeholders: the model directory holds config.json,
+*.safetensors and tokenizer.json (Hugging Face layout).
 Parameters and optimiser state in float32, sharded over all chips (ZeRO-3 style); compute in
 bfloat16 with per-block rematerialisation; prompts shared between chosen and rejected.
 """

@@ -13,6 +13,6 @@ def get_config() -> dict:
         "data": {"format": "pair", "max_length": 32, "max_prompt_length": 16, "batch_size": 16},
         "loss": {"name": "dpo", "beta": 0.1},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
-        "train": {"steps": 200, "sft_warmup_steps": 400,
+        "train": {"steps": 300, "sft_warmup_steps": 400,
                   "checkpoint_every": 100, "eval_every": 100},
     }

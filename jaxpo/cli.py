@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flags, overrides = parse_args(command, rest)
         return HANDLERS[command](flags, overrides)
-    except (UsageError, ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
         if os.environ.get("JAXPO_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -95,7 +95,7 @@ def plot_metrics(workdir: str, out: str | None = None) -> str:
             phases = sorted({r.get("phase") for r in records if name in r}, key=str)
             for phase in phases if len(phases) > 1 else [None]:
                 steps, values = series(records, name, phase)
-                style = dict(marker="o", linestyle="--") if name.startswith("eval/") else {}
+                style = {"marker": "o", "linestyle": "--"} if name.startswith("eval/") else {}
                 label = name if phase is None else f"{name} ({phase})"
                 ax.plot(steps, values, label=label, **style)
         ax.set_title(title)

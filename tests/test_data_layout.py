@@ -227,7 +227,7 @@ def test_errors_name_the_group():
                                        node_slots=2))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(groups=group_lists_st(), one_row=st.booleans())
 def test_layouts_agree_and_obey_definitions(groups, one_row):
     expected = expected_responses(groups)

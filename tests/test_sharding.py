@@ -43,9 +43,9 @@ rules = get_rules("fsdp_tp")
 model = Tiny(nnx.Rngs(0))
 params = nnx.state(model, nnx.Param)
 spec = lambda tree: [str(s.spec) for s in jax.tree.leaves(tree)]
-out["params"] = {k: str(v.get_value().spec) for k, v in
-                 jax.tree_util.tree_leaves_with_path(param_shardings(params, mesh, rules),
-                     is_leaf=lambda x: isinstance(x, nnx.Variable)) for k in [jax.tree_util.keystr(k)]}
+is_var = lambda x: isinstance(x, nnx.Variable)
+leaves = jax.tree_util.tree_leaves_with_path(param_shardings(params, mesh, rules), is_leaf=is_var)
+out["params"] = {jax.tree_util.keystr(k): str(v.get_value().spec) for k, v in leaves}
 out["params_fsdp"] = spec(param_shardings(model, mesh, get_rules("fsdp")))
 out["params_dp"] = spec(param_shardings(params, mesh, get_rules("dp")))
 opt = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)

@@ -16,7 +16,7 @@ import sys
 import time
 
 import numpy as np
-
+import pytest
 from _multidevice import REPO_ROOT, snippet_env
 
 STEPS, SFT = 10, 2  # preference updates, SFT warm-up updates: 12 step calls
@@ -31,7 +31,7 @@ cfg = replace(Config(), {
     "loss": {"name": "dpo", "beta": 0.1},
     "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
     "data": {"max_length": 48, "max_prompt_length": 24, "batch_size": 4},
-    "train": {"steps": %d, "sft_warmup_steps": %d, "checkpoint_every": 2, "eval_every": 0,
+    "train": {"steps": STEPS, "sft_warmup_steps": SFT, "checkpoint_every": 2, "eval_every": 0,
               "eval_batches": 1, "seed": 3},
 })
 summary = loop.train(cfg, workdir, progress=False)
@@ -42,7 +42,7 @@ if not summary["preempted"]:
     np.savez(workdir + "/final.npz", **{jax.tree_util.keystr(p): np.asarray(x)
                                         for p, x in leaves})
 print(json.dumps({k: summary[k] for k in ("step", "preempted", "resumed_from")}))
-""" % (STEPS, SFT)
+""".replace("STEPS", str(STEPS)).replace("SFT", str(SFT))
 
 
 def _start(workdir: str, cache: str) -> subprocess.Popen:
@@ -91,6 +91,8 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None
         time.sleep(0.02)
 
 
+@pytest.mark.slow
+@pytest.mark.representative
 def test_sigkill_then_sigterm_resume_is_bitwise_exact(tmp_path):
     cache = str(tmp_path / "jax_cache")
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")

@@ -3,13 +3,13 @@ reference, precomputed and reference-free modes, non-finite skipping, and clear 
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-import jax
-import jax.numpy as jnp
 from jaxpo import losses
 from jaxpo.models.config import get_preset
 from jaxpo.models.transformer import Transformer
@@ -114,7 +114,7 @@ def test_dpo_step_matches_causal_forward_and_sgd():
     expected = np.mean(np.logaddexp(0.0, -0.1 * h))
 
     old = jax.tree.map(np.asarray, params)
-    new_state, metrics = step(state, ref_params, batch)
+    new_state, metrics = step_lib.TrainStep(step, ref_params)(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(metrics["rewards/margins"]), 0.1 * h.mean(), rtol=1e-4,
                                atol=1e-6)

@@ -146,32 +146,34 @@ def _forest_unit(node_tokens, node_parent, paths) -> Unit:
         v = stack.pop()
         order.append(v)
         stack.extend(children[v][::-1])
-    pre = np.empty(n, np.int64)
-    pre[order] = np.arange(n)
-    size = np.ones(n, np.int64)  # subtree sizes, accumulated bottom up (children follow parents)
-    for v in range(n - 1, -1, -1):
+    pre = [0] * n  # preorder number of each node
+    for i, v in enumerate(order):
+        pre[v] = i
+    size = [1] * n  # subtree sizes, accumulated bottom up (children follow parents)
+    for v in range(n - 1, 0, -1):
         if node_parent[v] >= 0:
             size[node_parent[v]] += size[v]
-    lengths = np.array([len(node_tokens[v]) for v in order], np.int64)  # [n] in preorder
-    offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])  # [n] token offset per node
-    start_pos = np.zeros(n, np.int64)  # [n] depth of each node's first token, preorder
-    first_pred = np.full(n, -1, np.int64)  # [n] offset of the parent's last token
+    # Per node in preorder (plain lists: n is small): length, token offset, the depth of its
+    # first token, and the offset of the token that predicts it (the parent's last, -1 at roots).
+    lengths = [len(node_tokens[v]) for v in order]
+    offset, start_pos, first_pred = [0] * n, [0] * n, [-1] * n
     for i, v in enumerate(order):
+        offset[i] = offset[i - 1] + lengths[i - 1] if i else 0
         p = node_parent[v]
         if p >= 0:
             ip = pre[p]
             start_pos[i] = start_pos[ip] + lengths[ip]
             first_pred[i] = offset[ip] + lengths[ip] - 1
-    local_node = np.repeat(np.arange(n), lengths)  # [L]
-    within = np.arange(local_node.shape[0]) - offset[local_node]  # [L] index inside the node
-    is_root = first_pred[local_node] < 0
-    local_pred = np.where(within == 0, first_pred[local_node], np.arange(len(within)) - 1)
-    local_pred = np.where(is_root, -1, local_pred)
+    local_node = np.repeat(np.arange(n, dtype=np.int32), lengths)  # [L]
+    q = np.arange(local_node.shape[0], dtype=np.int32)  # [L] unit offsets
+    within = q - np.asarray(offset, np.int32)[local_node]  # [L] index inside the node
+    node_pred = np.asarray(first_pred, np.int32)[local_node]  # [L]
+    local_pred = np.where((within == 0) | (node_pred < 0), node_pred, q - 1)  # [L]
     return Unit(
-        tokens=np.concatenate([np.asarray(node_tokens[v]) for v in order]).astype(np.int32),
-        positions=(start_pos[local_node] + within).astype(np.int32),
-        local_node=local_node.astype(np.int32),
+        tokens=np.concatenate([node_tokens[v] for v in order]).astype(np.int32),
+        positions=np.asarray(start_pos, np.int32)[local_node] + within,
+        local_node=local_node,
         local_pred=local_pred.astype(np.int32),
-        node_last=(np.arange(n) + size[order] - 1).astype(np.int32),
-        responses=[(k, [int(pre[v]) for v in path]) for k, path in paths],
+        node_last=np.asarray([i + size[v] - 1 for i, v in enumerate(order)], np.int32),
+        responses=[(k, [pre[v] for v in path]) for k, path in paths],
     )

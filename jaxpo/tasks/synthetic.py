@@ -9,9 +9,9 @@ over the longer of the response and the answer, so a response of the wrong lengt
     true_reward("sort: d a c ->", " a c d d") = 3/4      (one letter too many)
 
 Candidate responses come from a noisy "base policy" that makes 0-2 random edits to the answer
-(swap two neighbours, replace a letter) and, 70% of the time, repeats its last letter: a habit
-that imitation of the chosen responses learns, and that the preferences teach away. The generators turn
-candidates into every data kind jaxpo trains on, with a training and a held-out split:
+(swap two neighbours, replace a letter) and, 80% of the time, repeats its last letter: a habit
+that imitation of the chosen responses learns, and that the preferences teach away. The
+generators turn candidates into every data kind jaxpo trains on, with train and held-out splits:
 
 - ``pair``: ``{prompt, chosen, rejected}``, chosen has the higher true reward (never tied);
 - ``list``: ``{prompt, responses, scores}``, K distinct candidates scored by the true reward;
@@ -58,7 +58,16 @@ def tokenizer_files() -> dict[str, str]:
         ],
         "normalizer": None,
         "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": None,
+        "post_processor": {  # BOS before every encoded text
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": BOS, "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": BOS, "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": BOS, "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}}],
+            "special_tokens": {BOS: {"id": BOS, "ids": [1], "tokens": [BOS]}},
+        },
         "decoder": None,
         "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(VOCAB)},
                   "unk_token": UNK},
@@ -236,8 +245,7 @@ def write_jsonl(path: str, rows: Iterator[dict[str, Any]]) -> str:
     """Writes one JSON object per line; returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return path
 
 

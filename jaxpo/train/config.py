@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+
 def _choices(section: str, field: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(
@@ -357,7 +358,7 @@ def replace(config: Config, updates: Mapping[str, Mapping[str, Any]]) -> Config:
             sections[section] = fields
             continue
         if not isinstance(fields, Mapping):
-            raise ValueError(f"config.{section} must be a dict of field values, got {fields!r}")
+            raise TypeError(f"config.{section} must be a dict of field values, got {fields!r}")
         hints = _field_types(SECTIONS[section])
         current = getattr(config, section)
         changes = {}
@@ -372,7 +373,7 @@ def replace(config: Config, updates: Mapping[str, Mapping[str, Any]]) -> Config:
 
 def parse_override(arg: str) -> tuple[str, str, str]:
     """``"--config.train.steps=10"`` → ``("train", "steps", "10")``."""
-    body = arg[2:] if arg.startswith("--") else arg
+    body = arg.removeprefix("--")
     if not body.startswith("config."):
         raise ValueError(f"not a config override: {arg!r} (expected --config.section.field=value)")
     key, sep, value = body[len("config."):].partition("=")
@@ -396,7 +397,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def from_preset_file(path: str | Path) -> Config:
-    """Imports ``path`` and applies its ``get_config()`` (a dict of section overrides or a Config)."""
+    """Imports ``path`` and applies its ``get_config()`` (a dict of section overrides, or a
+    Config)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config={path}: no such file")
@@ -409,7 +411,9 @@ def from_preset_file(path: str | Path) -> Config:
     if isinstance(result, Config):
         return result
     if not isinstance(result, Mapping):
-        raise ValueError(f"{path}: get_config() must return a dict of section overrides or a Config")
+        raise TypeError(
+            f"{path}: get_config() must return a dict of section overrides or a Config"
+        )
     try:
         return replace(Config(), result)
     except ValueError as e:
@@ -478,6 +482,11 @@ def check(config: Config) -> None:
         raise ValueError(
             f"config.reference.mode='none' but objective {objective.name!r} needs a reference; "
             "use config.reference.mode=model|precomputed or a reference-free objective"
+        )
+    if objective.level != "sequence":
+        raise ValueError(
+            f"config.loss.name: objective {objective.name!r} is token-level; the trainer runs "
+            "sequence-level objectives (use it from jaxpo.losses directly)"
         )
     kind = config.data.format
     if kind != "auto" and kind not in objective.kinds:

@@ -11,7 +11,7 @@ from preference pairs, on a CPU, in a few minutes:
 
 Before training, after the warm-up and after DPO it measures the mean true reward of greedy
 generations on held-out prompts and the held-out preference accuracy of DPO's implicit reward
-``β·(log π − log π_ref)`` (ties count one half, so a policy equal to its reference scores 0.5),
+``β·(log π − log π_ref)`` (ties count one half: a policy equal to its reference scores 0.5),
 prints them as a table, and says where the checkpoint, metrics and plot went.
 """
 
@@ -31,7 +31,7 @@ CONFIG: dict[str, dict[str, Any]] = {
     "data": {"format": "pair", "max_length": 32, "max_prompt_length": 16, "batch_size": 16},
     "loss": {"name": "dpo", "beta": 0.1},
     "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
-    "train": {"steps": 200, "sft_warmup_steps": 400, "checkpoint_every": 1000,
+    "train": {"steps": 300, "sft_warmup_steps": 400, "checkpoint_every": 1000,
               "eval_batches": 16},
 }
 WORKDIR = os.path.join("runs", "default")
@@ -69,7 +69,10 @@ def run(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
 
     os.makedirs(workdir, exist_ok=True)
     record = os.path.join(workdir, "before_after.json")
-    table = json.load(open(record)) if os.path.exists(record) else {}
+    table = {}
+    if os.path.exists(record):
+        with open(record, encoding="utf-8") as f:
+            table = json.load(f)
     run_ = build_run(config)
     _, eval_files = inputs.data_files(config, workdir)
     measure = _Measure(run_, eval_files)
@@ -93,7 +96,7 @@ def run(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     print(f"checkpoint: {summary['checkpoint_dir']}")
     print(f"metrics:    {summary['metrics_file']} (TensorBoard: {summary['tensorboard_dir']})")
     if plot_path:
-        print(f"plot:       {plot_path}")
+        print(f"plot:       {os.path.abspath(plot_path)}")
     return {"table": table, "summary": summary, "plot": plot_path}
 
 
@@ -102,21 +105,21 @@ def format_table(table: dict[str, dict[str, float]], train_cfg: Any = None) -> s
 
     >>> print(format_table({"after DPO": {"true_reward": 0.9, "exact": 0.5, "accuracy": 0.75}}))
     <BLANKLINE>
-    stage                true reward  exact answers  preference accuracy
-    after DPO                  0.900          50.0%                0.750
+    stage                 true reward  exact answers  preference accuracy
+    after DPO                   0.900          50.0%                0.750
     """
-    lines = ["", f"{'stage':<20} {'true reward':>12} {'exact answers':>14} "
-             f"{'preference accuracy':>20}"]
+    header = f"{'stage':<20} {'true reward':>12} {'exact answers':>14} {'preference accuracy':>20}"
+    lines = ["", header]
     for stage, row in table.items():
-        lines.append(f"{stage:<20} {row['true_reward']:>12.3f} {row['exact']:>13.1%} "
+        lines.append(f"{stage:<20} {row['true_reward']:>12.3f} {row['exact']:>14.1%} "
                      f"{row['accuracy']:>20.3f}")
     if train_cfg is not None:
         lines += [
             "",
-            f"true reward: mean over {NUM_PROMPTS} held-out prompts of the fraction of letters in "
-            "place in the greedy answer (1 = sorted).",
-            "preference accuracy: held-out pairs whose chosen response gets the higher implicit "
-            "reward β·(log π − log π_ref) (ties count 1/2).",
+            (f"true reward: mean over {NUM_PROMPTS} held-out prompts of the fraction of letters "
+             "in place in the greedy answer (1 = sorted)."),
+            ("preference accuracy: held-out pairs whose chosen response gets the higher implicit "
+             "reward β·(log π − log π_ref) (ties count 1/2)."),
             f"({train_cfg.sft_warmup_steps} SFT warm-up steps, then {train_cfg.steps} DPO steps.)",
         ]
     return "\n".join(lines)
@@ -129,8 +132,11 @@ class _Measure:
         from jaxpo.tasks import synthetic
 
         self.run = run
-        self.prompts = [json.loads(line)["prompt"] for path in eval_files
-                        for line in open(path, encoding="utf-8")][:NUM_PROMPTS]
+        self.prompts = []
+        for path in eval_files:
+            with open(path, encoding="utf-8") as f:
+                self.prompts += [json.loads(line)["prompt"] for line in f if line.strip()]
+        self.prompts = self.prompts[:NUM_PROMPTS]
         tok = run.tokenizer
         ids = [tok.encode(p) for p in self.prompts]
         width = max(map(len, ids))
@@ -187,7 +193,7 @@ def _plot(workdir: str) -> str | None:
         from jaxpo import plot
 
         return plot.plot_metrics(workdir)
-    except Exception as e:  # a missing plot must not fail the run
+    except (OSError, ValueError, ImportError) as e:  # a missing plot must not fail the run
         print(f"(no plot: {e})")
         return None
 

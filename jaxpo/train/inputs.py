@@ -32,7 +32,7 @@ def model_config(config: Any, tokenizer: Tokenizer) -> ModelConfig:
     """The decoder config: from ``model.path``'s config.json, or the preset (tiny presets take
     the tokenizer's vocabulary size)."""
     m = config.model
-    common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    common = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": m.remat}
     if m.path:
         return read_config(m.path, **common)
     if m.preset.startswith("tiny"):
@@ -102,10 +102,10 @@ class WithReference:
 
 def iterator_kwargs(config: Any) -> dict[str, Any]:
     d = config.data
-    return dict(layout=d.layout, batch_size=d.batch_size, seq_len=d.max_length,
-                max_responses=d.max_responses, node_slots=node_slots(config),
-                max_steps=d.max_steps, rows=d.rows or None,
-                process_index=jax.process_index(), process_count=jax.process_count())
+    return {"layout": d.layout, "batch_size": d.batch_size, "seq_len": d.max_length,
+            "max_responses": d.max_responses, "node_slots": node_slots(config),
+            "max_steps": d.max_steps, "rows": d.rows or None,
+            "process_index": jax.process_index(), "process_count": jax.process_count()}
 
 
 def train_iterator(config: Any, files: tuple[str, ...], builder: Any, *,

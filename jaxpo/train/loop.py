@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -72,9 +73,10 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]
             tokens += int(np.count_nonzero(local["segment"]))
             batch_sh = batch_sh or _batch_shardings(run, local)
             if phase not in steps:
-                steps[phase] = run.train_step(phase, batch_sh)
+                steps[phase] = step_lib.TrainStep(run.train_step(phase, batch_sh),
+                                                  ref_params if phase == "pref" else None)
             batch = make_global_batch({k: local[k] for k in batch_sh}, run.mesh, batch_sh)
-            state, out = steps[phase](state, ref_params if phase == "pref" else None, batch)
+            state, out = steps[phase](state, batch)
             done = step + 1
             if done % config.train.log_every == 0 or done == run.total_calls:
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
@@ -114,7 +116,7 @@ def evaluate(config: Any, workdir: str | None = None) -> dict[str, Any]:
     """Eval metrics (``eval/``-prefixed) on ``data.eval_files`` (or the synthetic held-out
     split) for the newest checkpoint in ``workdir``, else for the untrained model."""
     run = build_run(config)
-    train_files, eval_files = inputs.data_files(config, workdir or ".")
+    train_files, eval_files = inputs.data_files(config, workdir or tempfile.mkdtemp("jaxpo"))
     if not eval_files:
         raise ValueError("config.data.eval_files is empty: nothing to evaluate on")
     builder, ref_tables = _builder(run, train_files, eval_files)
@@ -237,9 +239,8 @@ def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it) -> tuple[Any, Any, int | N
     if step is None:
         params = run.initial_params()
         phase = run.phase(0)
-        ref = None
-        if phase == "pref" and mode == "model":
-            ref = state_lib.copy_params(params, run.shardings["pref"].params)
+        # new_state copies the params into the (donated) state: the originals are the reference.
+        ref = params if phase == "pref" and mode == "model" else None
         return run.new_state(params, phase), ref, None
     state, ref = _restore(run, ckpt, step)
     data_state = ckpt.read_json(step, "data")
@@ -271,9 +272,8 @@ def _restore(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> tuple[Any, Any
 
 def _begin_preference(run: Run, state: state_lib.TrainState):
     """End of the SFT warm-up: the warmed-up policy becomes the reference; a fresh optimizer."""
-    ref = None
-    if run.config.reference.mode == "model":
-        ref = state_lib.copy_params(state.params, run.shardings["pref"].params)
+    # new_state copies the params into the new state: the old buffers become the reference.
+    ref = state.params if run.config.reference.mode == "model" else None
     fresh = run.new_state(state.params, "pref")
     return fresh._replace(step=state.step, skipped=state.skipped), ref
 

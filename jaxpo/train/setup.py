@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -80,9 +81,10 @@ class Run:
         return jax.jit(init, out_shardings=shardings)()
 
     def new_state(self, params: Any, phase: str) -> state_lib.TrainState:
-        """A fresh state (step 0, new optimizer state of ``phase``) around ``params``."""
+        """A fresh state (step 0, new optimizer state of ``phase``) around a copy of ``params``
+        (new buffers: ``params`` stay valid when the state is donated)."""
         tx = self.tx[phase]
-        return jax.jit(lambda p: state_lib._new_state(p, tx),
+        return jax.jit(lambda p: state_lib._new_state(jax.tree.map(jnp.copy, p), tx),
                        out_shardings=self.shardings[phase])(params)
 
     def train_step(self, phase: str, batch_shardings: Any):

@@ -206,6 +206,24 @@ def make_train_step(
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
+class TrainStep:
+    """``train_step(state, batch) -> (state, metrics)``: the jitted step with the frozen
+    reference params bound (they are an argument of the compiled step, never donated, never
+    baked into the program as constants).
+
+    Args:
+      jitted: from :func:`make_train_step`.
+      ref_params: the reference params (``reference.mode=model``), else None.
+    """
+
+    def __init__(self, jitted: Callable[..., Any], ref_params: Any = None):
+        self.jitted = jitted
+        self.ref_params = ref_params
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        return self.jitted(state, self.ref_params, batch)
+
+
 def make_eval_step(graphdef: nnx.GraphDef, objective: losses.Objective, *,
                    hparams: Mapping[str, Any] | None = None, reference_mode: str = "model",
                    num_nodes: int, chunk_size: int = 256, metrics_beta: float = 0.1,

@@ -4,7 +4,7 @@
     jaxpo train --config=configs/dpo_tiny.py --config.train.steps=200 --workdir=runs/dpo
     jaxpo eval --workdir=runs/dpo [--config.data.eval_files=heldout.jsonl]
     jaxpo precompute-ref --config=configs/dpo_tiny.py --out=refcache
-    jaxpo export --workdir=runs/dpo --out=hf_model
+    jaxpo export --workdir=runs/dpo --out=hf_model [--dtype=bfloat16]
     jaxpo plot --workdir=runs/dpo
     jaxpo --version
 

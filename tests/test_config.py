@@ -95,6 +95,7 @@ def test_range_errors(overrides, message):
     (["--config.loss.kwargs=gama=0.5"], "has no hyperparameter 'gama'"),
     (["--config.loss.kwargs=gamma"], "not of the form name=value"),
     (["--config.loss.name=tdpo"], "is token-level"),
+    (["--config.model.preset=tiny-llama"], "is not a model preset; choose from"),
 ])
 def test_cross_section_checks(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -52,6 +52,10 @@ def _config(kind: str, steps: int) -> Config:
 
 
 def _run(kind: str, workdir: str) -> None:
+    untrained = loop.evaluate(_config(kind, 2), workdir)  # no checkpoint yet: the initial model
+    assert untrained["step"] == 0 and np.isfinite(untrained["eval/loss"])
+    if kind == "pair":  # policy = reference: DPO's loss is log 2
+        np.testing.assert_allclose(untrained["eval/loss"], np.log(2.0), rtol=1e-5)
     first = loop.train(_config(kind, 2), workdir, progress=False)
     assert first["step"] == 2 and first["resumed_from"] is None and not first["preempted"]
     assert np.isfinite(first["final"]["loss"]) and first["final"]["grad_norm"] > 0

@@ -125,3 +125,30 @@ def test_sigkill_then_sigterm_resume_is_bitwise_exact(tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     # Every step is logged exactly once, in order, across the three processes.
     assert _logged_steps(interrupted) == _logged_steps(straight) == list(range(1, 13))
+
+
+MULTIPROCESS = """
+import json, sys
+import jax
+from jaxpo.sharding import maybe_initialize
+maybe_initialize()
+from jaxpo.train import loop
+from jaxpo.train.config import Config, replace
+cfg = replace(Config(), {"optim": {"learning_rate": 1e-3},
+                         "data": {"max_length": 48, "max_prompt_length": 24, "batch_size": 4},
+                         "train": {"steps": 3, "checkpoint_every": 2, "eval_batches": 1}})
+first = loop.train(cfg, sys.argv[1], progress=False)
+again = loop.train(replace(cfg, {"train": {"steps": 4}}), sys.argv[1], progress=False)
+print(json.dumps({"loss": first["final"]["loss"], "step": again["step"],
+                  "resumed": again["resumed_from"]}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume(tmp_path):
+    from _multidevice import run_processes
+
+    code = MULTIPROCESS.replace("sys.argv[1]", repr(str(tmp_path)))
+    out = run_processes(code, num_processes=2, devices_per_process=2, timeout=300)
+    assert out[0] == out[1]  # one global step: the same loss on both processes
+    assert out[0]["step"] == 4 and out[0]["resumed"] == 3

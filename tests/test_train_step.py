@@ -105,7 +105,7 @@ def test_dpo_step_matches_causal_forward_and_sgd():
     graphdef, params = state_lib.split_model(model)
     _, ref_params = state_lib.split_model(ref_model)
     tx, step = _single_device_step(losses.get("dpo"), "model", graphdef)
-    state = state_lib._new_state(params, tx)
+    state = state_lib.new_state(params, tx)
 
     # Independent: DPO on log-probs from the causal forward of each unpacked sequence.
     pol = causal_logps(model, prompts, responses)
@@ -139,7 +139,7 @@ def test_reference_gets_no_gradient_and_model_equals_precomputed():
         tx, step = _single_device_step(losses.get("dpo"), mode, graphdef)
         b = dict(batch, ref_logps=ref.astype(np.float32))
         ref_params = jax.tree.map(jnp.copy, params) if mode == "model" else None
-        state = state_lib._new_state(jax.tree.map(jnp.copy, params), tx)
+        state = state_lib.new_state(jax.tree.map(jnp.copy, params), tx)
         new_state, metrics = step(state, ref_params, b)
         outs[mode] = (float(metrics["loss"]), jax.tree.map(np.asarray, new_state.params))
     # At the start policy = reference: loss = log 2, and the gradient is the policy's alone.
@@ -159,7 +159,7 @@ def test_reference_free_simpo():
     lengths = np.array([[len(y) for y in ys] for ys in responses])
     pol = causal_logps(model, prompts, responses) / lengths
     tx, step = _single_device_step(losses.get("simpo"), "none", graphdef)
-    _, metrics = step(state_lib._new_state(params, tx), None, batch)
+    _, metrics = step(state_lib.new_state(params, tx), None, batch)
     expected = np.mean(np.logaddexp(0.0, -(2.0 * (pol[:, 0] - pol[:, 1]) - 0.5)))
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
 
@@ -170,7 +170,7 @@ def test_nonfinite_loss_skips_update():
     tx, step = _single_device_step(losses.get("dpo"), "precomputed", graphdef)
     before = jax.tree.map(np.asarray, params)
     bad = dict(batch, ref_logps=np.full((4, 2), np.nan, np.float32))
-    new_state, metrics = step(state_lib._new_state(params, tx), None, bad)
+    new_state, metrics = step(state_lib.new_state(params, tx), None, bad)
     assert not np.isfinite(float(metrics["loss"]))
     assert int(new_state.skipped) == 1 and int(new_state.step) == 1
     assert float(metrics["skipped_steps"]) == 1.0

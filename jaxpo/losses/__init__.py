@@ -7,6 +7,7 @@ The trainer reaches them through :func:`get`, which returns an :class:`Objective
 
 # One import per line (optax style); ruff's isort would merge them.
 # ruff: noqa: I001
+from jaxpo.losses import _catalogue  # noqa: F401  (registers every objective)
 from jaxpo.losses._auxiliary import sft
 from jaxpo.losses._listwise import infonca
 from jaxpo.losses._listwise import lipo_lambda

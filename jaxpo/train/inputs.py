@@ -52,6 +52,10 @@ def data_files(config: Any, workdir: str) -> tuple[tuple[str, ...], tuple[str, .
     paths = {s: os.path.join(out, f"{kind}_{s}.jsonl") for s in ("train", "eval")}
     if jax.process_index() == 0 and not all(os.path.exists(p) for p in paths.values()):
         synthetic.write_task(out, kind, seed=config.train.seed)
+    if jax.process_count() > 1:  # the others wait until process 0 has written them
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpo-synthetic-data")
     return (paths["train"],), tuple(d.eval_files) or (paths["eval"],)
 
 

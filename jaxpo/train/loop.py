@@ -15,6 +15,7 @@ never interrupted: the state, the data iterator position and the phase are all r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import tempfile
@@ -60,17 +61,15 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]
     start = int(state.step)
     writer = metrics_lib.MetricsWriter(workdir, resume_step=resumed, enabled=_is_main())
     bar = metrics_lib.ProgressBar(run.total_calls, start, enabled=progress and _is_main())
+    logger = _Logger(run, it, writer, bar, start)
     preempted = _Flag()
-    steps, batch_sh = {}, None
-    last, last_eval, tokens, shown, t0 = {}, {}, 0, start, time.perf_counter()
-    num_params = state_lib.count_params(run.abstract_params)
+    steps, batch_sh, last_eval = {}, None, {}
     with preempted.on_sigterm():
         for step in range(start, run.total_calls):
             phase = run.phase(step)
             if step == run.sft_calls > 0:
                 state, ref_params = _begin_preference(run, state)
             local = next(it)
-            tokens += int(np.count_nonzero(local["segment"]))
             batch_sh = batch_sh or _batch_shardings(run, local)
             if phase not in steps:
                 steps[phase] = step_lib.TrainStep(run.train_step(phase, batch_sh),
@@ -78,17 +77,7 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]
             batch = make_global_batch({k: local[k] for k in batch_sh}, run.mesh, batch_sh)
             state, out = steps[phase](state, batch)
             done = step + 1
-            if done % config.train.log_every == 0 or done == run.total_calls:
-                out = {k: float(v) for k, v in jax.device_get(out).items()}
-                elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-                out |= metrics_lib.throughput(
-                    tokens=tokens * jax.process_count(), seconds=elapsed, num_params=num_params,
-                    peak_flops=config.train.peak_flops, num_devices=jax.device_count())
-                out |= _data_counters(it)
-                out["phase"] = phase
-                writer.write(done, out)
-                bar.update(done - shown, out, phase)
-                last, tokens, shown = out, 0, done
+            logger.step(done, phase, out, local)
             if _eval_due(config, done, run.total_calls) and eval_files:
                 params_ref = ref_params if phase == "pref" else state.params
                 last_eval = _evaluate(run, state.params, params_ref, eval_files, builder["eval"],
@@ -108,7 +97,7 @@ def train(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]
         "preempted": preempted.is_set() and int(state.step) < run.total_calls,
         "resumed_from": resumed, "checkpoint_dir": ckpt.directory,
         "metrics_file": writer.path, "tensorboard_dir": os.path.join(workdir, "tensorboard"),
-        "skipped_steps": int(state.skipped), "final": last, "eval": last_eval,
+        "skipped_steps": int(state.skipped), "final": logger.last, "eval": last_eval,
     }
 
 
@@ -192,6 +181,35 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
+class _Logger:
+    """Writes a step's metrics every ``train.log_every`` steps (and at the last one), with the
+    throughput since the previous record and the data iterator's counters."""
+
+    def __init__(self, run: Run, it, writer: metrics_lib.MetricsWriter,
+                 bar: metrics_lib.ProgressBar, start: int):
+        self.run, self.it, self.writer, self.bar = run, it, writer, bar
+        self.num_params = state_lib.count_params(run.abstract_params)
+        self.tokens, self.shown, self.t0 = 0, start, time.perf_counter()
+        self.last: dict[str, Any] = {}
+
+    def step(self, done: int, phase: str, out: dict[str, Any], local: dict[str, Any]) -> None:
+        self.tokens += int(np.count_nonzero(local["segment"]))  # real tokens, this process
+        cfg = self.run.config.train
+        if done % cfg.log_every and done != self.run.total_calls:
+            return
+        out = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the step
+        now = time.perf_counter()
+        out |= metrics_lib.throughput(
+            tokens=self.tokens * jax.process_count(), seconds=now - self.t0,
+            num_params=self.num_params, peak_flops=cfg.peak_flops,
+            num_devices=jax.device_count())
+        out |= _data_counters(self.it)
+        out["phase"] = phase
+        self.writer.write(done, out)
+        self.bar.update(done - self.shown, out, phase)
+        self.last, self.tokens, self.shown, self.t0 = out, 0, done, now
+
+
 class _Flag:
     """Set by SIGTERM: the loop saves after the current step and stops."""
 
@@ -245,7 +263,11 @@ def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it) -> tuple[Any, Any, int | N
     state, ref = _restore(run, ckpt, step)
     data_state = ckpt.read_json(step, "data")
     if data_state is not None:
-        it.set_state(data_state)
+        states = data_state["processes"]
+        if len(states) != jax.process_count():
+            raise ValueError(f"{ckpt.directory}/{step}: saved by {len(states)} processes, "
+                             f"resumed by {jax.process_count()}; the data order cannot resume")
+        it.set_state(states[jax.process_index()])
     if mode == "model" and run.sft_calls == 0:
         ref = run.initial_params()  # no warm-up: the reference is the initial model
     elif mode == "model" and step > run.sft_calls and ref is None:
@@ -257,7 +279,7 @@ def _restore(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> tuple[Any, Any
     phase = run.checkpoint_phase(step)
     shardings = run.shardings[phase]
     abstract_state = ckpt_lib.abstract_like(
-        jax.eval_shape(lambda p: state_lib._new_state(p, run.tx[phase]), run.abstract_params),
+        jax.eval_shape(lambda p: state_lib.new_state(p, run.tx[phase]), run.abstract_params),
         shardings)
     abstract_ref = ckpt_lib.abstract_like(run.abstract_params, run.shardings["pref"].params)
     restored = ckpt.restore(step, abstract_state, abstract_reference=abstract_ref)
@@ -281,9 +303,24 @@ def _begin_preference(run: Run, state: state_lib.TrainState):
 def _save(run: Run, ckpt: ckpt_lib.Checkpointer, state, ref_params, it) -> None:
     step = int(state.step)
     keep_ref = ref_params is not None and run.sft_calls > 0 and step > run.sft_calls
-    ckpt.save(step, state, reference=ref_params if keep_ref else None, data=it.get_state(),
+    ckpt.save(step, state, reference=ref_params if keep_ref else None, data=_data_states(it),
               config=to_json_dict(run.config),
               meta={"phase": run.checkpoint_phase(step), "skipped": int(state.skipped)})
+
+
+def _data_states(it) -> dict[str, list]:
+    """Every process's iterator state (a JSON item is written by process 0 only)."""
+    state = it.get_state()
+    if jax.process_count() == 1:
+        return {"processes": [state]}
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size])).reshape(-1)  # [P]
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = multihost_utils.process_allgather(padded)  # [P, L]
+    return {"processes": [json.loads(bytes(every[p, :n])) for p, n in enumerate(sizes)]}
 
 
 def _batch_shardings(run: Run, local: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -7,6 +7,8 @@ dropped first, so every step appears once. Only process 0 writes.
 
 >>> throughput(tokens=1000, seconds=2.0, num_params=10, peak_flops=0.0, num_devices=1)
 {'tokens_per_sec': 500.0}
+>>> throughput(tokens=1000, seconds=2.0, num_params=10, peak_flops=1e5, num_devices=2)["mfu"]
+0.15
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class Run:
         """A fresh state (step 0, new optimizer state of ``phase``) around a copy of ``params``
         (new buffers: ``params`` stay valid when the state is donated)."""
         tx = self.tx[phase]
-        return jax.jit(lambda p: state_lib._new_state(jax.tree.map(jnp.copy, p), tx),
+        return jax.jit(lambda p: state_lib.new_state(jax.tree.map(jnp.copy, p), tx),
                        out_shardings=self.shardings[phase])(params)
 
     def train_step(self, phase: str, batch_shardings: Any):

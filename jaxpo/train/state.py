@@ -49,7 +49,8 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
-def _new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0, no skipped steps, and a fresh optimizer state for ``params``."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       skipped=jnp.zeros((), jnp.int32))
 
@@ -59,7 +60,7 @@ def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh
     """The :class:`TrainState` of ``NamedSharding`` s for params shaped like ``abstract_params``:
     params by their logical axis names, optimizer moments like their parameter, scalars
     replicated (see :func:`jaxpo.sharding.state_shardings`)."""
-    abstract = jax.eval_shape(lambda p: _new_state(p, tx), abstract_params)
+    abstract = jax.eval_shape(lambda p: new_state(p, tx), abstract_params)
     return sharding.state_shardings(abstract, mesh, rules, params=abstract_params)
 
 
@@ -82,7 +83,7 @@ def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: i
 
     def init() -> TrainState:
         model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
-        return _new_state(split_model(model)[1], tx)
+        return new_state(split_model(model)[1], tx)
 
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings

@@ -188,7 +188,10 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        def keep(new, old):  # a non-finite step changes nothing but the counters
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
         new_state = TrainState(
             step=state.step + 1,
             params=keep(params, state.params),

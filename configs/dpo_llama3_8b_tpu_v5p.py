@@ -31,6 +31,7 @@ def get_config() -> dict:
             "max_length": 2048,
             "max_prompt_length": 1024,
             "batch_size": 128,
+            "rows": 64,  # two pairs per 4095-token row on average (one prompt, two responses)
         },
         "loss": {"name": "dpo", "beta": 0.1},
         "reference": {"mode": "model"},

@@ -26,7 +26,7 @@ def get_config() -> dict:
             "format": "list",
             "layout": "share_prefix",
             "on_bad_record": "skip",
-            "max_length": 4096,
+            "max_length": 2048,  # prompt + one response
             "max_prompt_length": 1024,
             "batch_size": 32,
             "max_responses": 8,

@@ -126,6 +126,8 @@ def cmd_train(flags: dict[str, Any], overrides: list[str]) -> int:
         stored_config(workdir) is None
         or os.path.exists(os.path.join(workdir, "before_after.json")))
     config = resolve_config(flags, overrides)
+    # The before/after showcase needs the bundled task: own data or model make it a plain run.
+    embedded = embedded and not config.data.train_files and not config.model.path
     if embedded:
         workdir = workdir or default.new_workdir()
         print(f"jaxpo {jaxpo.__version__}: the embedded default run (workdir {workdir})")

@@ -6,6 +6,7 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -228,3 +229,11 @@ def test_padding_slots_reach_no_gradient(name):
         **{f: getattr(inputs, f) for f in inputs.__dataclass_fields__}, "policy_logps": p,
     })).sum()))(nan)
     assert np.all(np.isfinite(grads)) and np.all(np.asarray(grads)[-1] == 0)
+
+
+def test_sft_does_not_imitate_a_lone_undesirable_response():
+    logps = jnp.array([[-4.0], [-6.0]])  # [NG, 1]: unpaired groups
+    inputs = L.LossInputs(
+        policy_logps=logps, scores=jnp.array([[1.0], [0.0]]), num_tokens=jnp.array([[2.0], [3.0]]),
+        response_mask=jnp.ones((2, 1), bool), group_mask=jnp.ones((2,), bool))
+    np.testing.assert_allclose(L.get("sft")(inputs), [2.0, 0.0], rtol=1e-6)

@@ -1,5 +1,6 @@
 """The train step on one device: loss and gradients against a plain causal forward, the frozen
-reference, precomputed and reference-free modes, non-finite skipping, and clear refusals."""
+reference, precomputed and reference-free modes, token-level objectives (TDPO, WPO, LD-DPO),
+TPO's hidden-state step similarity, non-finite skipping, and clear refusals."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_data_layout import groups_st
 
 from jaxpo import losses
+from jaxpo.data.batcher import BatchConfig, pack_groups
 from jaxpo.models.config import get_preset
+from jaxpo.models.logprobs import token_stats
 from jaxpo.models.transformer import Transformer
 from jaxpo.train import state as state_lib
 from jaxpo.train import step as step_lib
@@ -183,8 +189,248 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="needs a reference.*reference.mode='none'"):
         step_lib.make_train_step(graphdef, losses.get("dpo"), optax.sgd(0.1),
                                  reference_mode="none", num_nodes=2)
-    with pytest.raises(ValueError, match="not supported by the trainer yet"):
-        step_lib.make_train_step(graphdef, losses.get("tdpo"), optax.sgd(0.1), num_nodes=2)
+    with pytest.raises(ValueError, match="is token-level.*reference.mode='precomputed'"):
+        step_lib.make_train_step(graphdef, losses.get("tdpo"), optax.sgd(0.1), num_nodes=2,
+                                 reference_mode="precomputed")
     with pytest.raises(ValueError, match="reference.mode='bogus'"):
         step_lib.make_train_step(graphdef, losses.get("dpo"), optax.sgd(0.1),
                                  reference_mode="bogus", num_nodes=2)
+
+
+# ------------------------------------------------------------------ token-level objectives
+
+
+def causal_token_rows(model, prompts, responses):
+    """Per response, the full next-token log-softmax ``[len(y), V]`` (float64) at the positions
+    predicting its tokens, from the plain causal forward of the unpacked sequence."""
+    seqs = np.zeros((len(prompts) * len(responses[0]), 12), np.int32)
+    spans = []
+    for g, (p, ys) in enumerate(zip(prompts, responses)):
+        for j, y in enumerate(ys):
+            r = g * len(ys) + j
+            seqs[r, :len(p) + len(y)] = list(p) + list(y)
+            spans.append((r, len(p), list(y)))
+    _, params = state_lib.split_model(model)
+    logp = np.asarray(_causal_log_softmax(params, seqs), np.float64)
+    return [(logp[r, n - 1:n - 1 + len(y)], np.array(y)) for r, n, y in spans]
+
+
+def numpy_token_stats(model, ref_model, prompts, responses):
+    """Per response (row-major over groups): token log-probs of policy and reference, per-token
+    KL(π_ref ‖ π_θ) and log Σ_v p_v², computed directly from full log-softmax rows."""
+    out = []
+    for (pol, y), (ref, _) in zip(causal_token_rows(model, prompts, responses),
+                                  causal_token_rows(ref_model, prompts, responses)):
+        t = np.arange(len(y))
+        out.append({"lp": pol[t, y], "lr": ref[t, y],
+                    "kl": np.sum(np.exp(ref) * (ref - pol), axis=-1),
+                    "log_sq": np.log(np.sum(np.exp(2 * pol), axis=-1))})
+    return out
+
+
+def _token_step(name_or_objective, seed=7, **kw):
+    (batch, _), prompts, responses = pair_batch(seed=seed)
+    model, ref_model = tiny_model(), tiny_model(seed=1)
+    graphdef, params = state_lib.split_model(model)
+    _, ref_params = state_lib.split_model(ref_model)
+    objective = (losses.get(name_or_objective) if isinstance(name_or_objective, str)
+                 else name_or_objective)
+    stats = numpy_token_stats(model, ref_model, prompts, responses)  # before params are donated
+    tx, step = _single_device_step(objective, "model", graphdef, **kw)
+    _, metrics = step(state_lib.new_state(params, tx), ref_params, batch)
+    return metrics, [stats[i:i + 2] for i in range(0, len(stats), 2)]  # per group: (w, l)
+
+
+def _assert_step_ok(metrics):
+    assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+    assert float(metrics["skipped_steps"]) == 0.0
+
+
+def test_tdpo_step_matches_token_kl_from_full_logits():
+    beta, alpha = 0.1, 0.5
+    metrics, groups = _token_step("tdpo")
+    expected = []
+    for w, l in groups:
+        h = np.sum(w["lp"] - w["lr"]) - np.sum(l["lp"] - l["lr"])
+        kl_term = alpha * beta * (np.sum(l["kl"]) - np.sum(w["kl"]))
+        expected.append(np.logaddexp(0.0, -(beta * h - kl_term)))
+    assert abs(np.sum(groups[0][0]["kl"])) > 1e-3  # policy ≠ reference: the KL term matters
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(expected), rtol=1e-5)
+    _assert_step_ok(metrics)
+
+
+def test_wpo_and_ld_steps_match_numpy():
+    beta, ld_alpha = 0.1, 0.3
+    metrics, groups = _token_step(losses.with_wpo("dpo"))
+    expected = []
+    for w, l in groups:
+        h = np.sum(w["lp"] - w["lr"]) - np.sum(l["lp"] - l["lr"])
+        weight = np.prod([np.exp(np.mean(y["lp"] - y["log_sq"])) for y in (w, l)])
+        expected.append(weight * np.logaddexp(0.0, -beta * h))
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(expected), rtol=1e-5)
+    _assert_step_ok(metrics)
+
+    metrics, groups = _token_step(losses.with_ld("dpo", alpha=ld_alpha))
+
+    def ld(x, shared):
+        return np.sum(x[:shared]) + ld_alpha * np.sum(x[shared:])
+
+    expected = []
+    for w, l in groups:
+        shared = min(len(w["lp"]), len(l["lp"]))
+        h = (ld(w["lp"], shared) - ld(w["lr"], shared)) - (ld(l["lp"], shared)
+                                                           - ld(l["lr"], shared))
+        expected.append(np.logaddexp(0.0, -beta * h))
+    assert any(len(w["lp"]) != len(l["lp"]) for w, l in groups)  # some tails are scaled
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(expected), rtol=1e-5)
+    _assert_step_ok(metrics)
+
+
+# ------------------------------------------------------------------ trees: steps and similarity
+
+
+def tree_batch(groups, *, length=16):
+    """One row per group, share-prefix layout: prompt (node 0), a shared step (node 1) with two
+    leaves (nodes 2, 3), and a one-step response off the root (node 4).
+
+    Args:
+      groups: per group ``(prompt, step1, leaf2, leaf3, lone4)`` token lists.
+
+    Returns:
+      ``(batch, num_nodes=5, spans)``: ``spans[g][node]`` the row positions of the node.
+    """
+    ng, n = len(groups), 5
+    out = {name: np.zeros((ng, length), np.int32) for name in
+           ("tokens", "positions", "segment", "node_pre", "node_last", "node_slot")}
+    out["pred_index"] = np.full((ng, length), -1, np.int32)
+    parent, last = [-1, 0, 1, 1, 0], [4, 3, 2, 3, 4]
+    all_spans = []
+    for g, nodes in enumerate(groups):
+        spans, cursor, depth_end = [], 0, {}
+        for node, toks in enumerate(nodes):
+            idx = np.arange(cursor, cursor + len(toks))
+            start = 0 if node == 0 else depth_end[parent[node]]
+            out["tokens"][g, idx] = toks
+            out["positions"][g, idx] = start + np.arange(len(toks))
+            out["segment"][g, idx] = 1
+            out["node_pre"][g, idx] = out["node_slot"][g, idx] = node
+            out["node_last"][g, idx] = last[node]
+            if node:
+                out["pred_index"][g, idx] = np.concatenate([[spans[parent[node]][-1]], idx[:-1]])
+            depth_end[node] = start + len(toks)
+            spans.append(idx)
+            cursor += len(toks)
+        all_spans.append(spans)
+    ids = np.array([[[1, 2], [1, 3], [4, -1]]], np.int32)
+    out["response_nodes"] = ids + np.where(ids >= 0, n * np.arange(ng)[:, None, None], 0)
+    out["scores"] = np.tile(np.array([[2.0, 1.0, 0.0]], np.float32), (ng, 1))
+    out["response_mask"] = np.ones((ng, 3), bool)
+    out["group_mask"] = np.ones((ng,), bool)
+    return out, n, all_spans
+
+
+def _tree_groups():
+    rng = np.random.default_rng(11)
+    return [[list(rng.integers(1, VOCAB, size)) for size in (3, 2, 3, 2, 3)] for _ in range(2)]
+
+
+def test_response_tokens_concatenate_steps():
+    batch, n, spans = tree_batch(_tree_groups())
+    values = np.arange(batch["tokens"].size, dtype=np.float32).reshape(batch["tokens"].shape)
+    out, mask = jax.jit(lambda v, b: step_lib.response_tokens({"v": v}, b, n, 16))(values, batch)
+    for g, s in enumerate(spans):
+        for k, path in enumerate(([1, 2], [1, 3], [4])):
+            expected = np.concatenate([values[g, s[node]] for node in path])
+            np.testing.assert_array_equal(np.asarray(out["v"])[g, k, :len(expected)], expected)
+            assert np.asarray(mask)[g, k].sum() == len(expected)
+            assert not np.asarray(out["v"])[g, k, len(expected):].any()
+
+
+def test_tpo_step_similarity_is_cosine_of_mean_hidden_states():
+    batch, n, spans = tree_batch(_tree_groups())
+    model, ref_model = tiny_model(), tiny_model(seed=1)
+    graphdef, params = state_lib.split_model(model)
+    _, ref_params = state_lib.split_model(ref_model)
+    hidden = np.asarray(model.hidden(*(jnp.asarray(batch[k]) for k in (
+        "tokens", "positions", "segment", "node_pre", "node_last"))), np.float64)
+    sim = np.asarray(jax.jit(lambda b: step_lib.step_similarity(
+        jnp.asarray(hidden, jnp.float32), b, n))(batch))  # [NG, K, K, M]
+
+    paths = ([1, 2], [1, 3], [4, None])
+    expected = np.zeros((2, 3, 3, 2))
+    for g, s in enumerate(spans):
+        for i, pi in enumerate(paths):
+            for j, pj in enumerate(paths):
+                for m in range(2):
+                    a, b = pi[m], pj[m]
+                    if a is None or b is None:
+                        continue
+                    u, v = hidden[g, s[a]].mean(0), hidden[g, s[b]].mean(0)
+                    cos = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+                    expected[g, i, j, m] = 1.0 if a == b else np.clip(cos, 0.0, 1.0)
+    np.testing.assert_allclose(sim, expected, atol=1e-5)
+    assert np.all(sim[:, 0, 1, 0] == 1.0)  # the shared step: exactly 1
+    assert np.all(sim[:, :, 2, 1] == 0.0) and np.all(sim[:, 2, :, 1] == 0.0)  # missing step
+    assert 0.0 < expected[0, 0, 1, 1] < 1.0  # distinct leaves: a real cosine
+
+    # The TPO step reads this similarity: its loss equals tpo on the step log-probs with it.
+    pol = step_lib.sequence_logps(graphdef, params, batch, num_nodes=n, chunk_size=8)
+    ref = step_lib.sequence_logps(graphdef, ref_params, batch, num_nodes=n, chunk_size=8)
+    tx = optax.sgd(0.5)
+    step = step_lib.make_train_step(graphdef, losses.get("tpo"), tx, reference_mode="model",
+                                    num_nodes=n, chunk_size=8)
+    _, metrics = step(state_lib.new_state(params, tx), ref_params, batch)
+    step_mask = batch["response_nodes"] >= 0
+    expected_loss = losses.tpo(pol.step_logps, ref.step_logps, batch["scores"],
+                               step_where=step_mask, step_similarity=expected)
+    np.testing.assert_allclose(float(metrics["loss"]), float(jnp.mean(expected_loss)),
+                               rtol=1e-5)
+    without = losses.tpo(pol.step_logps, ref.step_logps, batch["scores"],
+                         step_where=step_mask, step_similarity=expected * (expected == 1.0))
+    assert abs(float(jnp.mean(without)) - float(metrics["loss"])) > 1e-6
+    _assert_step_ok(metrics)
+
+
+# ------------------------------------------------------------------ the three layouts agree
+
+LAYOUT_SEQ = {"padded": 16, "packed": 96, "share_prefix": 28}  # room for any drawn group
+
+
+@jax.jit
+def _token_arrays(params, ref_params, batch):
+    graphdef, _ = state_lib.split_model(tiny_model())
+    hidden, unembedding = step_lib.forward(graphdef, params, batch)
+    ref_hidden, ref_unembedding = step_lib.forward(graphdef, ref_params, batch)
+    stats = token_stats(hidden, unembedding, batch["tokens"], batch["pred_index"],
+                        ref_hidden=ref_hidden, ref_unembedding=ref_unembedding, with_sq=True,
+                        chunk_size=8)
+    out, mask = step_lib.response_tokens(stats, batch, 24, 16)
+    return out, mask, step_lib.step_similarity(hidden, batch, 24)
+
+
+@settings(max_examples=8, deadline=None)
+@given(groups=st.integers(1, 3).flatmap(
+    lambda n: st.tuples(*(groups_st(gid=i) for i in range(n)))))
+def test_layouts_give_the_same_token_arrays_and_similarity(groups):
+    _, params = state_lib.split_model(tiny_model())
+    _, ref_params = state_lib.split_model(tiny_model(seed=1))
+    found = {}
+    for layout, seq_len in LAYOUT_SEQ.items():
+        cfg = BatchConfig(layout, batch_size=3, seq_len=seq_len, max_responses=6,
+                          node_slots=24, max_steps=3)
+        batch = pack_groups(list(groups), cfg)
+        batch["tokens"] = np.minimum(batch["tokens"], VOCAB - 1)
+        out, mask, sim = jax.tree.map(np.asarray, _token_arrays(params, ref_params, batch))
+        for g in np.nonzero(batch["group_mask"])[0]:
+            found.setdefault(int(batch["group_id"][g]), []).append(
+                ({k: v[g] for k, v in out.items()}, mask[g], sim[g]))
+    for per_layout in found.values():
+        (out, mask, sim), *others = per_layout
+        assert len(others) == 2 and mask.any()
+        for out2, mask2, sim2 in others:
+            np.testing.assert_array_equal(mask, mask2)
+            for name in out:
+                np.testing.assert_allclose(out[name], out2[name], atol=2e-5, err_msg=name)
+            # A step shared in the tree is one node (S = 1 by identity) in share_prefix and
+            # copies in padded rows (S = 1 by cosine of equal hidden states).
+            np.testing.assert_allclose(sim, sim2, atol=2e-5)

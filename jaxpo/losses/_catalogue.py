@@ -22,6 +22,7 @@ from jaxpo.losses import (
 )
 from jaxpo.losses._registry import (
     _ALL_KINDS,
+    KINDS,
     LossInputs,
     _pair_valid,
     _register,
@@ -126,7 +127,10 @@ def _sft_fn(inputs: LossInputs) -> jax.Array:
     best = best_index(inputs.scores, inputs.response_mask)
     out = _auxiliary.sft(take(_clean(inputs, inputs.policy_logps), best),
                          take(inputs.num_tokens, best))
-    return jnp.where(inputs.group_mask & jnp.any(inputs.response_mask, axis=-1), out, 0.0)
+    real = inputs.response_mask & inputs.group_mask[:, None]  # [NG, K]
+    # A lone response (unpaired data) is imitated only when it is desirable (score > 0).
+    lone_undesirable = (jnp.sum(real, axis=-1) == 1) & (take(inputs.scores, best) <= 0)
+    return jnp.where(jnp.any(real, axis=-1) & ~lone_undesirable, out, 0.0)
 
 
 # ----------------------------------------------------------------------------- the catalogue
@@ -216,5 +220,5 @@ _register("pro", _pro_fn, needs_reference=False, kinds=_ALL_KINDS, logps="mean",
 _register("tpo", _tpo_fn, needs_reference=True, kinds=_ALL_KINDS, hyperparameters={"beta": 0.1},
           formula="Σ_{ψ_i>ψ_j} λ_ij log(1 + e^{−d_ij}), d_ij = Σ_m (1 − S_ij,m)(ρ_i,m − ρ_j,m)",
           paper="Liao et al. 2025 (TPO), arXiv 2410.12854")
-_register("sft", _sft_fn, needs_reference=False, kinds=_ALL_KINDS, hyperparameters={},
+_register("sft", _sft_fn, needs_reference=False, kinds=KINDS, hyperparameters={},
           formula="−ℓ(y_best)/|y_best|", paper="DPO + SFT = RPO (Pang et al. 2024)")

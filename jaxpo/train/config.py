@@ -205,6 +205,9 @@ def build_objective(loss: LossConfig) -> tuple[Any, dict[str, Any]]:
     ``beta`` and each ``kwargs`` entry go to every component that has that hyperparameter (an
     entry no component has is an error). For a single objective call ``obj(inputs, **hparams)``;
     for a combination the overrides are baked into the returned Objective and ``hparams`` is {}.
+    ``modifier`` wraps the result with :func:`jaxpo.losses.with_wpo` or
+    :func:`jaxpo.losses.with_ld` (LD's α: kwargs ``ld_alpha``, or ``alpha`` when no component
+    has an ``alpha`` of its own).
     """
     from jaxpo import losses  # local: keeps config import light
 
@@ -214,6 +217,7 @@ def build_objective(loss: LossConfig) -> tuple[Any, dict[str, Any]]:
     except KeyError as e:
         raise ValueError(f"config.loss.name: {e.args[0]}") from None
     given = loss.hyperparameters()
+    modifier_kwargs = _modifier_kwargs(loss.modifier, given, parts)
     for key in given:
         if not any(key in obj.hyperparameters for obj in parts.values()):
             known = sorted({k for obj in parts.values() for k in obj.hyperparameters})
@@ -223,12 +227,46 @@ def build_objective(loss: LossConfig) -> tuple[Any, dict[str, Any]]:
                 f"{key!r}; known: {known}"
             )
     if len(parts) == 1 and next(iter(weights.values())) == 1.0:
-        return next(iter(parts.values())), given
-    hparams = {
-        name: {k: v for k, v in given.items() if k in obj.hyperparameters}
-        for name, obj in parts.items()
-    }
-    return losses.combine(weights, hparams=hparams), {}
+        objective, hparams = next(iter(parts.values())), given
+    else:
+        baked = {
+            name: {k: v for k, v in given.items() if k in obj.hyperparameters}
+            for name, obj in parts.items()
+        }
+        objective, hparams = losses.combine(weights, hparams=baked), {}
+    return _modify(objective, loss.modifier, modifier_kwargs), hparams
+
+
+def _modifier_kwargs(modifier: str, given: dict[str, Any], parts: Mapping[str, Any]
+                     ) -> dict[str, Any]:
+    """Pops the modifier's own arguments (LD's α) out of ``given``."""
+    if modifier != "ld":
+        return {}
+    own_alpha = any("alpha" in obj.hyperparameters for obj in parts.values())
+    key = "ld_alpha" if "ld_alpha" in given or own_alpha else "alpha"
+    if key not in given:
+        return {}
+    alpha = given.pop(key)
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"config.loss.kwargs: {key}={alpha!r} (LD-DPO's α) must be in [0, 1]")
+    return {"alpha": float(alpha)}
+
+
+def _modify(objective: Any, modifier: str, kwargs: dict[str, Any]) -> Any:
+    """``objective`` wrapped by ``modifier`` ("" leaves it as it is)."""
+    if not modifier:
+        return objective
+    from jaxpo import losses
+
+    if "pair" not in objective.kinds:
+        raise ValueError(f"config.loss.modifier={modifier!r} applies to pairwise objectives; "
+                         f"{objective.name!r} trains on {list(objective.kinds)}")
+    try:
+        wrapped = (losses.with_wpo(objective) if modifier == "wpo"
+                   else losses.with_ld(objective, **kwargs))
+    except ValueError as e:
+        raise ValueError(f"config.loss.modifier={modifier!r}: {e}") from None
+    return dataclasses.replace(wrapped, kinds=("pair",))  # a modified loss reads pairs only
 
 
 def check(config: Config) -> None:
@@ -246,10 +284,12 @@ def check(config: Config) -> None:
             f"config.reference.mode='none' but objective {objective.name!r} needs a reference; "
             "use config.reference.mode=model|precomputed or a reference-free objective"
         )
-    if objective.level != "sequence":
+    if (objective.level == "token" and objective.needs_reference
+            and config.reference.mode != "model"):
         raise ValueError(
-            f"config.loss.name: objective {objective.name!r} is token-level; the trainer runs "
-            "sequence-level objectives (use it from jaxpo.losses directly)"
+            f"config.reference.mode={config.reference.mode!r}: objective {objective.name!r} is "
+            "token-level and needs the reference model's per-token distributions; use "
+            "config.reference.mode=model"
         )
     kind = config.data.format
     if kind != "auto" and kind not in objective.kinds:

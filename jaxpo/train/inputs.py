@@ -74,7 +74,8 @@ def node_slots(config: Any) -> int:
 def group_builder(config: Any, tokenizer: Tokenizer) -> GroupBuilder:
     d = config.data
     cfg = GroupConfig(format=d.format, max_length=d.max_length,
-                      max_prompt_length=d.max_prompt_length, truncation=d.truncation_mode,
+                      max_prompt_length=d.max_prompt_length or None,  # 0: no prompt limit
+                      truncation=d.truncation_mode,
                       max_responses=d.max_responses, max_depth=d.max_steps,
                       on_bad_record=d.on_bad_record)
     return GroupBuilder(tokenizer, cfg)
@@ -104,9 +105,27 @@ class WithReference:
         return result
 
 
+def row_length(config: Any) -> int:
+    """``S``: the longest group that survives the length limits fits one row.
+
+    ``data.max_length`` bounds prompt + response, per response (the group builder cuts each
+    response to it), so a group of K responses under a prompt of ``p >= 1`` tokens has at most
+    ``p + K * (max_length - p)`` distinct tokens: ``K * (max_length - 1) + 1`` in the
+    ``share_prefix`` layout (prompt and shared steps once), ``K * max_length`` in ``packed``
+    (prompt repeated per response), ``max_length`` in ``padded`` (a row per response). A
+    shorter row would drop every group longer than it.
+    """
+    d = config.data
+    if d.layout == "padded":
+        return d.max_length
+    if d.layout == "packed":
+        return d.max_responses * d.max_length
+    return d.max_responses * (d.max_length - 1) + 1
+
+
 def iterator_kwargs(config: Any) -> dict[str, Any]:
     d = config.data
-    return {"layout": d.layout, "batch_size": d.batch_size, "seq_len": d.max_length,
+    return {"layout": d.layout, "batch_size": d.batch_size, "seq_len": row_length(config),
             "max_responses": d.max_responses, "node_slots": node_slots(config),
             "max_steps": d.max_steps, "rows": d.rows or None,
             "process_index": jax.process_index(), "process_count": jax.process_count()}

@@ -109,8 +109,9 @@ def evaluate(config: Any, workdir: str | None = None) -> dict[str, Any]:
     if not eval_files:
         raise ValueError("config.data.eval_files is empty: nothing to evaluate on")
     builder, ref_tables = _builder(run, train_files, eval_files)
+    with_ref = ref_tables is not None
     params, ref_params, step = load_params(run, workdir)
-    out = _evaluate(run, params, ref_params, eval_files, builder["eval"], ref_tables is not None)
+    out = _evaluate(run, params, ref_params, eval_files, builder["eval"], with_ref)
     return {"step": step, **out}
 
 
@@ -240,6 +241,10 @@ def _builder(run: Run, train_files, eval_files) -> tuple[dict[str, Any], Any]:
     base = inputs.group_builder(run.config, run.tokenizer)
     if run.config.reference.mode != "precomputed":
         return {"train": base, "eval": base}, None
+    if not run.config.reference.cache_dir:
+        # The records carry the reference log-probs (``ref_chosen_logps``/``ref_rejected_logps``
+        # for pairs, ``ref_logps`` for lists and unpaired records).
+        return {"train": base, "eval": base}, {}
     params = run.initial_params()
     files = {"train": tuple(train_files), "eval": tuple(eval_files)}
     cache_dir = run.config.reference.cache_dir
@@ -344,24 +349,29 @@ def _eval_due(config: Any, done: int, total: int) -> bool:
 
 
 def _evaluate(run: Run, params, ref_params, files, builder, with_ref: bool) -> dict[str, float]:
-    """Group-weighted means of the eval step's metrics over up to ``train.eval_batches``."""
+    """The eval step's metrics over up to ``train.eval_batches`` batches (0: all), aggregated as TRL's
+    evaluation does: ``loss`` is the mean over groups (each batch weighted by its groups), every
+    other metric the mean over batches of the batch means."""
     fn = run.eval_step()
     sums: dict[str, float] = {}
-    groups = 0.0
+    batches, groups = 0, 0.0
     it = inputs.eval_iterator(run.config, files, builder, with_ref_logps=with_ref)
     keys = step_lib.BATCH_KEYS + (("ref_logps",) if with_ref else ())
     for i, local in enumerate(it):
-        if i >= run.config.train.eval_batches:
+        if run.config.train.eval_batches and i >= run.config.train.eval_batches:
             break
         sh = _batch_shardings(run, local)
         batch = make_global_batch({k: local[k] for k in keys}, run.mesh, sh)
         out = {k: float(v) for k, v in jax.device_get(fn(params, ref_params, batch)).items()}
         n = out.pop("groups")
+        if n == 0:
+            continue
         groups += n
+        batches += 1
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v * n
-    return {f"eval/{k}": v / max(groups, 1.0) for k, v in sums.items()} | {
-        "eval/groups": groups}
+            sums[k] = sums.get(k, 0.0) + (v * n if k == "loss" else v)
+    return {f"eval/{k}": v / (max(groups, 1.0) if k == "loss" else max(batches, 1))
+            for k, v in sums.items()} | {"eval/groups": groups}
 
 
 def _short(metrics: dict[str, float]) -> str:

@@ -111,8 +111,11 @@ class ProgressBar:
     """A console progress bar with the loss, accuracy and margin of the latest logged step."""
 
     def __init__(self, total: int, initial: int = 0, *, enabled: bool = True):
+        # Redrawn a few times a second on a terminal; every 30 s into a log file.
+        interval = 0.1 if sys.stderr.isatty() else 30.0
         self._bar = tqdm.tqdm(total=total, initial=initial, disable=not enabled,
-                              dynamic_ncols=True, file=sys.stderr, unit="step")
+                              dynamic_ncols=True, file=sys.stderr, unit="step",
+                              mininterval=interval, maxinterval=max(interval, 10.0))
 
     def update(self, steps: int, metrics: Mapping[str, Any] | None = None,
                phase: str = "") -> None:

@@ -101,7 +101,7 @@ class DataConfig:
     layout: str = "share_prefix"  # padded|packed|share_prefix
     on_bad_record: str = "error"  # error|skip (skipped records are counted)
     max_length: int = 512  # row length S in tokens (prompt + responses)
-    max_prompt_length: int = 256  # prompts longer than this are truncated
+    max_prompt_length: int = 0  # prompts longer than this are truncated; 0 = no prompt limit
     truncation_mode: str = "keep_end"  # keep_start|keep_end (prompt truncation)
     batch_size: int = 8  # groups per global batch
     max_responses: int = 2  # K, responses per group
@@ -123,7 +123,7 @@ class DataConfig:
         _choices("data", "on_bad_record", self.on_bad_record, ("error", "skip"))
         _choices("data", "truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
         _at_least("data", "max_length", self.max_length, 2)
-        _at_least("data", "max_prompt_length", self.max_prompt_length, 1)
+        _at_least("data", "max_prompt_length", self.max_prompt_length, 0)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"config.data.max_prompt_length={self.max_prompt_length} must be smaller than "
@@ -145,8 +145,10 @@ class LossConfig:
     beta: float | None = None  # None = the objective's paper default
     weights: str = ""  # e.g. "dpo:1.0,sft:0.2" (overrides name)
     kwargs: str = ""  # extra hyperparameters "label_smoothing=0.1,gamma=0.5"
+    modifier: str = ""  # ""|wpo (WPO weights)|ld (LD-DPO; α = kwargs ld_alpha, or alpha)
 
     def __post_init__(self):
+        _choices("loss", "modifier", self.modifier, ("", "wpo", "ld"))
         if not self.name and not self.weights:
             raise ValueError("config.loss.name is empty; give a jaxpo.losses name, e.g. 'dpo'")
         if self.beta is not None and self.beta < 0:
@@ -173,14 +175,12 @@ class ReferenceConfig:
     """Where the reference log-probs come from."""
 
     mode: str = "model"  # model|precomputed|none
-    cache_dir: str = ""  # for precomputed: the dir written by `jaxpo precompute-ref`
+    # For precomputed: the dir written by `jaxpo precompute-ref`; empty = the records carry the
+    # reference log-probs (`ref_chosen_logps`/`ref_rejected_logps`, or `ref_logps`).
+    cache_dir: str = ""
 
     def __post_init__(self):
         _choices("reference", "mode", self.mode, ("model", "precomputed", "none"))
-        if self.mode == "precomputed" and not self.cache_dir:
-            raise ValueError(
-                "config.reference.cache_dir is required when config.reference.mode='precomputed'"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +242,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # save every N steps (and at the end, and on SIGTERM)
     keep_checkpoints: int = 3  # keep the last k checkpoints
     eval_every: int = 0  # evaluate on data.eval_files every N steps; 0 = only at the end
-    eval_batches: int = 8  # batches per evaluation
+    eval_batches: int = 0  # batches per evaluation; 0 = the whole eval set
     peak_flops: float = 0.0  # per device, for mfu; 0 = unknown (mfu omitted)
     sft_warmup_steps: int = 0  # SFT phase before the preference objective (embedded default)
 
@@ -252,7 +252,7 @@ class TrainConfig:
         _at_least("train", "checkpoint_every", self.checkpoint_every, 1)
         _at_least("train", "keep_checkpoints", self.keep_checkpoints, 1)
         _at_least("train", "eval_every", self.eval_every, 0)
-        _at_least("train", "eval_batches", self.eval_batches, 1)
+        _at_least("train", "eval_batches", self.eval_batches, 0)
         _at_least("train", "peak_flops", self.peak_flops, 0.0)
         _at_least("train", "sft_warmup_steps", self.sft_warmup_steps, 0)
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runs uninstalled
+from jaxpo.config import DataConfig
 from jaxpo.data.groups import GroupBuilder
 from jaxpo.data.pipeline import make_train_iterator
 from jaxpo.data.sources import RecordSource
@@ -64,11 +65,15 @@ def write_records(path: str, n: int, seed: int = 0) -> None:
                                  "rejected": " " + text(5, 15)}) + "\n" for _ in range(n))
 
 
-def iterator(source, builder, layout, workers):
+def data_config(layout: str = "share_prefix", workers: int = 0) -> DataConfig:
     seq_len, rows = SHAPES[layout]
-    return make_train_iterator(source, builder, layout=layout, batch_size=NG, seq_len=seq_len,
-                               max_responses=2, node_slots=N, rows=rows, seed=0, num_epochs=1,
-                               num_workers=workers)
+    return DataConfig(layout=layout, max_length=MAX_LENGTH, batch_size=NG, seq_len=seq_len,
+                      max_responses=2, node_slots=N, rows=rows or 0, num_workers=workers)
+
+
+def iterator(source, builder, layout, workers):
+    return make_train_iterator(source, builder, data_config(layout, workers), seed=0,
+                               num_epochs=1)
 
 
 def run_pipeline(source, builder, layout, workers):
@@ -118,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = Tokenizer.from_dir(TOKENIZER)
-    builder = GroupBuilder(tokenizer, max_length=MAX_LENGTH)
+    builder = GroupBuilder(tokenizer, data_config())
     model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size), rngs=nnx.Rngs(0))
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:

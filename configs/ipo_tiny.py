@@ -1,9 +1,12 @@
 """IPO (squared-loss DPO, per-token mean log-probs) on the synthetic task's preference pairs.
 
-    jaxpo train --config=configs/ipo_tiny.py --workdir=runs/ipo_tiny
+    jaxpo train --config=configs/sft_tiny.py --workdir=runs/sft_tiny     # warm-up, once
+    jaxpo train --config=configs/ipo_tiny.py --workdir=runs/ipo_tiny \
+        --config.model.init_from=runs/sft_tiny
 
 A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
 pair split into the workdir); runs on a CPU in a few minutes.
+Without ``model.init_from`` it starts from the untrained model.
 """
 
 
@@ -13,6 +16,5 @@ def get_config() -> dict:
         "data": {"format": "pair", "max_length": 32, "max_prompt_length": 16, "batch_size": 16},
         "loss": {"name": "ipo", "beta": 0.1},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
-        "train": {"steps": 200, "sft_warmup_steps": 400,
-                  "checkpoint_every": 100, "eval_every": 100},
+        "train": {"steps": 200, "checkpoint_every": 100, "eval_every": 100},
     }

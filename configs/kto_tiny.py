@@ -1,9 +1,12 @@
 """KTO on unpaired completions labelled desirable (exactly sorted) or undesirable.
 
-    jaxpo train --config=configs/kto_tiny.py --workdir=runs/kto_tiny
+    jaxpo train --config=configs/sft_tiny.py --workdir=runs/sft_tiny     # warm-up, once
+    jaxpo train --config=configs/kto_tiny.py --workdir=runs/kto_tiny \
+        --config.model.init_from=runs/sft_tiny
 
 A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
 unpaired split into the workdir); runs on a CPU in a few minutes.
+Without ``model.init_from`` it starts from the untrained model.
 """
 
 
@@ -16,6 +19,5 @@ def get_config() -> dict:
         },
         "loss": {"name": "kto", "beta": 0.1},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 10},
-        "train": {"steps": 200, "sft_warmup_steps": 400,
-                  "checkpoint_every": 100, "eval_every": 100},
+        "train": {"steps": 200, "checkpoint_every": 100, "eval_every": 100},
     }

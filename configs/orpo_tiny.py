@@ -1,9 +1,12 @@
 """ORPO (SFT + odds-ratio penalty in one loss, no reference, no warm-up) on the synthetic pairs.
 
-    jaxpo train --config=configs/orpo_tiny.py --workdir=runs/orpo_tiny
+    jaxpo train --config=configs/sft_tiny.py --workdir=runs/sft_tiny     # warm-up, once
+    jaxpo train --config=configs/orpo_tiny.py --workdir=runs/orpo_tiny \
+        --config.model.init_from=runs/sft_tiny
 
 A tiny model on the bundled synthetic task (no data files: jaxpo writes the task's
 pair split into the workdir); runs on a CPU in a few minutes.
+Without ``model.init_from`` it starts from the untrained model.
 """
 
 

@@ -3,15 +3,22 @@
     jaxpo train                                    # the embedded default: tiny model, CPU, minutes
     jaxpo train --config=configs/dpo_tiny.py --config.train.steps=200 --workdir=runs/dpo
     jaxpo eval --workdir=runs/dpo [--config.data.eval_files=heldout.jsonl]
+    jaxpo eval --config.model.path=hf_model --config.data.eval_files=heldout.jsonl
     jaxpo precompute-ref --config=configs/dpo_tiny.py --out=refcache
     jaxpo export --workdir=runs/dpo --out=hf_model [--dtype=bfloat16]
     jaxpo plot --workdir=runs/dpo
     jaxpo --version
 
 Flags are ``--name=value`` (or ``--name value``); ``--config.section.field=value`` overrides one
-config field (see ``jaxpo.train.config``). Without ``--config``, a workdir that holds a checkpoint
-uses the config stored in it, and otherwise the embedded default. ``python -m jaxpo.train ...``
-is ``jaxpo train ...``.
+config field (see ``jaxpo.config``). Without ``--config``, a workdir that holds a checkpoint
+uses the config stored in it, and otherwise the defaults. ``jaxpo train`` with neither a
+config, nor own data or model, nor a workdir of another run is the embedded demo
+(:mod:`jaxpo.demo`). ``python -m jaxpo ...`` is ``jaxpo ...``.
+
+Exit status: 0 done; 1 a failure (a traceback for errors raised inside a library, a message
+for a run stopped on non-finite values); 2 a bad command line, config or input (one line that
+names the flag, field, file or line); 143 (128 + SIGTERM) a run pre-empted by SIGTERM after
+saving its checkpoint, so schedulers can tell pre-emption from completion.
 """
 
 from __future__ import annotations
@@ -21,23 +28,30 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jaxpo
+from jaxpo import config as config_lib
+from jaxpo import demo, plot
+from jaxpo.models import export_hf
+from jaxpo.train import inputs, loop
+from jaxpo.train.checkpoint import Checkpointer
 
 COMMANDS = ("train", "eval", "precompute-ref", "export", "plot")
 # Flags each command accepts (besides --config.section.field=value overrides).
 FLAGS: dict[str, tuple[str, ...]] = {
-    "train": ("config", "workdir", "no_progress"),
-    "eval": ("config", "workdir"),
+    "train": ("config", "workdir", "no_progress", "sft_steps"),
+    "eval": ("config", "workdir", "untrained"),
     "precompute-ref": ("config", "out", "workdir"),
-    "export": ("config", "workdir", "out", "dtype"),
+    "export": ("config", "workdir", "out", "dtype", "untrained"),
     "plot": ("workdir", "out"),
 }
-REQUIRED = {"eval": ("workdir",), "precompute-ref": ("out",), "export": ("workdir", "out"),
+REQUIRED = {"precompute-ref": ("out",), "export": ("out",),
             "plot": ("workdir",)}
-BOOLEAN = ("no_progress",)
+BOOLEAN = ("no_progress", "untrained")
+PREEMPTED = 128 + 15  # exit status of a run stopped by SIGTERM (after saving)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
 
@@ -88,8 +102,6 @@ def stored_config(workdir: str | None) -> dict[str, Any] | None:
     """The config saved in the newest checkpoint of ``workdir`` (None when there is none)."""
     if not workdir or not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return None
-    from jaxpo.train.checkpoint import Checkpointer
-
     ckpt = Checkpointer(workdir)
     try:
         step = ckpt.latest_step()
@@ -98,41 +110,47 @@ def stored_config(workdir: str | None) -> dict[str, Any] | None:
         ckpt.close()
 
 
-def resolve_config(flags: dict[str, Any], overrides: list[str]):
-    """``--config`` file, else the workdir's stored config, else the embedded default; then
-    the overrides."""
-    from jaxpo.train import config as config_lib
-
+def resolve_config(flags: dict[str, Any], overrides: list[str]) -> config_lib.Config:
+    """``--config`` file, else the workdir's stored config, else the defaults; then the
+    overrides."""
     if flags.get("config"):
         return config_lib.load_config(flags["config"], overrides)
     stored = stored_config(flags.get("workdir"))
     if stored is not None:
-        config = config_lib.apply_overrides(config_lib.from_dict(stored), overrides)
-        config_lib.check(config)
-        return config
+        return config_lib.apply_overrides(config_lib.from_dict(stored), overrides)
     return config_lib.load_config(None, overrides)
+
+
+def is_demo(flags: dict[str, Any], overrides: list[str]) -> bool:
+    """``jaxpo train`` is the embedded demo without ``--config``, own data or own model, on a
+    new workdir or one where the demo ran."""
+    if flags.get("config"):
+        return False
+    own = ("--config.data.train_files", "--config.model.path", "--config.model.init_from")
+    if any(o.startswith(own) for o in overrides):
+        return False
+    workdir = flags.get("workdir")
+    return (not workdir or not os.path.exists(workdir)
+            or os.path.exists(os.path.join(workdir, demo.MARKER))
+            or stored_config(workdir) is None and not os.listdir(workdir))
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_train(flags: dict[str, Any], overrides: list[str]) -> int:
-    """Trains; with no --config on a new workdir, runs the embedded default."""
-    from jaxpo.train import default, loop
-
+    """Trains; with no --config, own data or own model, runs the embedded demo."""
     workdir = flags.get("workdir")
     progress = not flags.get("no_progress", False)
-    embedded = not flags.get("config") and (
-        stored_config(workdir) is None
-        or os.path.exists(os.path.join(workdir, "before_after.json")))
+    if is_demo(flags, overrides):
+        workdir = workdir or demo.new_workdir()
+        print(f"jaxpo {jaxpo.__version__}: the embedded demo (workdir {workdir})")
+        sft_steps = int(flags.get("sft_steps", demo.SFT_STEPS))
+        summary = demo.run(workdir, overrides, sft_steps=sft_steps, progress=progress)["summary"]
+        return PREEMPTED if summary["preempted"] else 0
+    if "sft_steps" in flags:
+        raise UsageError("--sft_steps applies to the embedded demo only")
     config = resolve_config(flags, overrides)
-    # The before/after showcase needs the bundled task: own data or model make it a plain run.
-    embedded = embedded and not config.data.train_files and not config.model.path
-    if embedded:
-        workdir = workdir or default.new_workdir()
-        print(f"jaxpo {jaxpo.__version__}: the embedded default run (workdir {workdir})")
-        default.run(config, workdir, progress=progress)
-        return 0
     if not workdir:
         stem = os.path.splitext(os.path.basename(flags.get("config") or "run"))[0]
         workdir = os.path.join("runs", stem)
@@ -145,23 +163,21 @@ def cmd_train(flags: dict[str, Any], overrides: list[str]) -> int:
                                           if isinstance(v, float)))
     if plot_path:
         print(f"plot: {plot_path}")
-    return 0
+    return PREEMPTED if summary["preempted"] else 0
 
 
 def cmd_eval(flags: dict[str, Any], overrides: list[str]) -> int:
-    """Prints one JSON object of eval metrics (checkpoint in --workdir, else untrained)."""
-    from jaxpo.train import loop
-
+    """Prints one JSON object of eval metrics of the checkpoint in --workdir (the untrained
+    model with --untrained)."""
     config = resolve_config(flags, overrides)
-    metrics = loop.evaluate(config, flags["workdir"])
+    metrics = loop.evaluate(config, flags.get("workdir"),
+                            untrained=flags.get("untrained", False))
     print(json.dumps(metrics, sort_keys=True))
     return 0
 
 
 def cmd_precompute_ref(flags: dict[str, Any], overrides: list[str]) -> int:
     """Writes the reference log-probs of the train and eval files to --out."""
-    from jaxpo.train import loop
-
     config = resolve_config(flags, overrides)
     info = loop.precompute_reference(config, flags["out"], flags.get("workdir"))
     print(json.dumps(info, sort_keys=True))
@@ -170,11 +186,9 @@ def cmd_precompute_ref(flags: dict[str, Any], overrides: list[str]) -> int:
 
 def cmd_export(flags: dict[str, Any], overrides: list[str]) -> int:
     """Writes the trained policy as a Hugging Face checkpoint (plus tokenizer files)."""
-    from jaxpo.models import export_hf
-    from jaxpo.train import inputs, loop
-
     config = resolve_config(flags, overrides)
-    model, step = loop.load_policy(config, flags["workdir"])
+    model, step = loop.load_policy(config, flags.get("workdir"),
+                                   untrained=flags.get("untrained", False))
     out = flags["out"]
     files = export_hf(model, out, dtype=flags.get("dtype"))
     tok_dir = inputs.tokenizer_dir(config)
@@ -190,8 +204,6 @@ def cmd_export(flags: dict[str, Any], overrides: list[str]) -> int:
 
 def cmd_plot(flags: dict[str, Any], overrides: list[str]) -> int:
     """Writes PNG curves of <workdir>/metrics.jsonl."""
-    from jaxpo import plot
-
     if overrides:
         raise UsageError("jaxpo plot takes no --config.* overrides")
     print(plot.plot_metrics(flags["workdir"], flags.get("out")))
@@ -199,8 +211,6 @@ def cmd_plot(flags: dict[str, Any], overrides: list[str]) -> int:
 
 
 def _try_plot(workdir: str) -> str | None:
-    from jaxpo import plot
-
     try:
         return plot.plot_metrics(workdir)
     except (OSError, ValueError) as e:
@@ -240,12 +250,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flags, overrides = parse_args(command, rest)
         return HANDLERS[command](flags, overrides)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        if os.environ.get("JAXPO_DEBUG"):
-            raise
+    except loop.NonFiniteError as e:
+        print(f"jaxpo {command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError, KeyError) as e:
+        if os.environ.get("JAXPO_DEBUG") or not _raised_by_jaxpo(e):
+            raise  # a bug, or an error inside a library: keep the traceback (exit 1)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"jaxpo {command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _raised_by_jaxpo(error: BaseException) -> bool:
+    """Whether ``error`` was raised by jaxpo's own code (a message for the user: a bad flag,
+    config field, file or record), not inside JAX or another library (a bug to report)."""
+    if isinstance(error, UsageError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    package = os.path.dirname(os.path.abspath(jaxpo.__file__))
+    return os.path.abspath(frames[-1].filename).startswith(package + os.sep)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_parse_args_flags_and_overrides():
     (["train", "--config.train.stpes=1"], "did you mean train.steps"),
     (["train", "--config.data.layout=tight"], "allowed; choose from ['padded', 'packed'"),
     (["train", "--config=nope/missing.py"], "nope/missing.py: no such file"),
-    (["eval"], "--workdir=... is required"),
+    (["eval"], "no --workdir given; the model would be the random init"),
     (["export", "--workdir=w"], "--out=... is required"),
     (["trian"], "unknown command 'trian'; did you mean 'train'?"),
     (["train", "stray"], "unexpected argument 'stray'"),
@@ -45,11 +45,39 @@ def test_version_and_help(capsys):
     assert "jaxpo export --workdir" in capsys.readouterr().out
 
 
-def test_python_m_jaxpo_train_is_jaxpo_train():
+def test_python_m_jaxpo_is_jaxpo():
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-m", "jaxpo.train", "--bogus=1"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run([sys.executable, "-m", "jaxpo", "train", "--bogus=1"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and "jaxpo train: error: unknown flag --bogus" in out.stderr
+
+
+def test_only_jaxpo_errors_are_one_line_messages(monkeypatch, capsys):
+    """A TypeError raised inside a library (a bug, not a bad input) keeps its traceback."""
+    def library_bug(flags, overrides):
+        import numpy
+        numpy.zeros((2, 2)).reshape(3)  # raises inside numpy
+
+    monkeypatch.setitem(cli.HANDLERS, "plot", library_bug)
+    with pytest.raises(ValueError, match="cannot reshape"):
+        cli.main(["plot", "--workdir=x"])
+
+    def jaxpo_error(flags, overrides):  # raised inside jaxpo: a message for the user
+        from jaxpo.config import load_config
+        load_config(None, ["--config.train.steps=-1"])
+
+    monkeypatch.setitem(cli.HANDLERS, "plot", jaxpo_error)
+    assert cli.main(["plot", "--workdir=x"]) == 2
+    err = capsys.readouterr().err
+    assert "config.train.steps=-1 must be >= 0" in err and "Traceback" not in err
+
+
+def test_own_data_or_model_without_config_is_not_the_demo(tmp_path):
+    assert cli.is_demo({}, [])
+    assert cli.is_demo({"workdir": str(tmp_path / "new")}, ["--config.train.steps=3"])
+    assert not cli.is_demo({}, ["--config.data.train_files=my.jsonl"])
+    assert not cli.is_demo({}, ["--config.model.path=/models/m"])
+    assert not cli.is_demo({"config": "configs/dpo_tiny.py"}, [])
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -75,12 +103,17 @@ def test_plot_errors(tmp_path, capsys):
 
 def test_train_eval_export_plot(tmp_path, capsys):
     workdir, hf = tmp_path / "run", tmp_path / "hf"
-    small = ["--config.train.steps=2", "--config.train.sft_warmup_steps=0",
+    small = ["--config.train.steps=2",
              "--config.data.batch_size=4", "--config.train.eval_batches=1",
              "--config.train.checkpoint_every=2"]
     preset = f"--config={ROOT}/configs/dpo_tiny.py"
-    # eval before training: the untrained model from the config.
-    assert cli.main(["eval", preset, f"--workdir={workdir}", *small]) == 0
+    # eval or export of a workdir without a checkpoint is an error naming it ...
+    assert cli.main(["eval", preset, f"--workdir={workdir}", *small]) == 2
+    assert f"--workdir={workdir}: no checkpoint there" in capsys.readouterr().err
+    assert cli.main(["export", preset, f"--workdir={workdir}", f"--out={hf}"]) == 2
+    assert "no checkpoint there" in capsys.readouterr().err and not hf.exists()
+    # ... unless the untrained model is asked for.
+    assert cli.main(["eval", preset, f"--workdir={workdir}", "--untrained", *small]) == 0
     untrained = json.loads(capsys.readouterr().out)
     assert untrained["step"] == 0 and untrained["eval/rewards/margins"] == 0.0
 

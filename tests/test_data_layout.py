@@ -12,11 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxpo.config import LAYOUTS
 from jaxpo.data.batcher import BatchConfig, pack_groups
 from jaxpo.data.layout import group_units
 from jaxpo.data.types import TokenizedGroup
-
-LAYOUTS = ("padded", "packed", "share_prefix")
 
 
 def make_group(gid, kind, node_tokens, node_parent, scores=None, ref=None):

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
 import json
 import os
+import re
+import signal
 
 import numpy as np
 import pytest
 from test_data_layout import expected_responses, make_group, rebuild_responses
 
+from jaxpo.config import DataConfig
+from jaxpo.data.errors import BadRecordError
 from jaxpo.data.groups import GroupBuilder
 from jaxpo.data.pipeline import make_eval_iterator, make_train_iterator
 from jaxpo.data.sources import RecordSource
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.data.types import TokenizedGroup
 
-SHAPES = {  # layout → (batch_size, seq_len, rows)
-    "padded": {"batch_size": 4, "seq_len": 16, "rows": None},
+SHAPES = {  # layout → (batch_size, seq_len, rows); rows 0 = derived
+    "padded": {"batch_size": 4, "seq_len": 16, "rows": 0},
     "packed": {"batch_size": 4, "seq_len": 32, "rows": 2},
     "share_prefix": {"batch_size": 4, "seq_len": 20, "rows": 2},
 }
@@ -43,10 +49,14 @@ def build(record) -> TokenizedGroup | None:
     return make_group(record["id"], "list", node_tokens, [-1] + [0] * len(record["responses"]))
 
 
-def iterator(records, layout, **kwargs):
-    args = dict(layout=layout, max_responses=3, node_slots=8, seed=1, **SHAPES[layout])
-    args.update(kwargs)
-    return make_train_iterator(records, build, **args)
+def data_config(layout, **kwargs):
+    return DataConfig(**{"layout": layout, "max_responses": 3, "node_slots": 8,
+                         **SHAPES[layout], **kwargs})
+
+
+def iterator(records, layout, seed=1, num_epochs=None, **kwargs):
+    return make_train_iterator(records, build, data_config(layout, **kwargs), seed=seed,
+                               num_epochs=num_epochs)
 
 
 def assert_batches_equal(a, b):
@@ -121,8 +131,8 @@ def test_epochs_cover_every_group_once_each_reshuffled(layout):
 
 def test_eval_is_one_ordered_pass_padded_at_the_end():
     records = make_records(10)
-    batches = list(make_eval_iterator(records, build, layout="padded", batch_size=4,
-                                      seq_len=16, max_responses=3, node_slots=4))
+    cfg = DataConfig(layout="padded", batch_size=4, seq_len=16, max_responses=3, node_slots=4)
+    batches = list(make_eval_iterator(records, build, cfg))
     assert len(batches) == 3
     assert ids_of(batches) == list(range(10))
     np.testing.assert_array_equal(batches[-1]["group_mask"], [True, True, False, False])
@@ -134,11 +144,10 @@ def test_eval_is_one_ordered_pass_padded_at_the_end():
 @pytest.mark.parametrize("layout", ["padded", "packed", "share_prefix"])
 def test_two_process_slices_form_the_global_batch(layout):
     records = make_records(24)
-    rows = None if layout == "padded" else 4
-    kw = {"layout": layout, "batch_size": 4, "seq_len": 40, "max_responses": 3, "node_slots": 8,
-              "rows": rows, "num_epochs": 1, "shuffle": False}
-    slices = [list(make_train_iterator(records, build, process_index=p, process_count=2, **kw))
-              for p in range(2)]
+    cfg = DataConfig(layout=layout, batch_size=4, seq_len=40, max_responses=3, node_slots=8,
+                     rows=0 if layout == "padded" else 4, shuffle=False)
+    slices = [list(make_train_iterator(records, build, cfg, num_epochs=1, process_index=p,
+                                       process_count=2)) for p in range(2)]
     assert sorted(ids_of(slices[0])) == list(range(0, 24, 2))  # each reads only its shard
     assert sorted(ids_of(slices[1])) == list(range(1, 24, 2))
     local_rows = slices[0][0]["tokens"].shape[0]
@@ -174,14 +183,14 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 @pytest.mark.parametrize("name", ["pairs_explicit", "pairs_implicit", "pairs_conversational",
                                   "lists", "trees", "trees_flat", "unpaired"])
 def test_fixture_files_batch_in_every_layout(name):
-    builder = GroupBuilder(Tokenizer.from_dir(os.path.join(FIXTURES, "tokenizer_llama3")))
+    cfg = DataConfig(batch_size=2, max_responses=4, max_steps=3, node_slots=16)
+    builder = GroupBuilder(Tokenizer.from_dir(os.path.join(FIXTURES, "tokenizer_llama3")), cfg)
     for ext in ("jsonl", "parquet"):
         source = RecordSource(os.path.join(FIXTURES, f"{name}.{ext}"))
         groups = [builder(source[i]) for i in range(len(source))]
         for layout, seq_len in (("padded", 128), ("packed", 256), ("share_prefix", 128)):
-            it = make_eval_iterator(source, builder, layout=layout, batch_size=2,
-                                    seq_len=seq_len, max_responses=4, max_steps=3,
-                                    node_slots=16)
+            layout_cfg = dataclasses.replace(cfg, layout=layout, seq_len=seq_len)
+            it = make_eval_iterator(source, builder, layout_cfg)
             got = {}
             for batch in it:
                 got.update(rebuild_responses(batch, 16))
@@ -195,13 +204,108 @@ def test_builder_skip_counts_reach_the_iterator_state(tmp_path):
             {"prompt": "Hi.", "responses": [" A.", " B."], "scores": [1.0, float("nan")]},
             {"prompt": "Yo.", "responses": [" C.", " D."], "scores": [0.0, 2.0]}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    builder = GroupBuilder(Tokenizer.from_dir(os.path.join(FIXTURES, "tokenizer_llama3")),
-                           on_bad_record="skip")
-    it = make_train_iterator(RecordSource(str(path)), builder, layout="share_prefix",
-                             batch_size=2, seq_len=64, max_responses=2, node_slots=4,
-                             num_epochs=1)
+    cfg = DataConfig(layout="share_prefix", batch_size=2, seq_len=64, max_responses=2,
+                     node_slots=4, on_bad_record="skip")
+    builder = GroupBuilder(Tokenizer.from_dir(os.path.join(FIXTURES, "tokenizer_llama3")), cfg)
+    it = make_train_iterator(RecordSource(str(path)), builder, cfg, num_epochs=1)
     batches = list(it)
     assert sorted(ids_of(batches)) == [0, 2]
     state = json.loads(json.dumps(it.get_state()))
     skipped = {k: v for k, v in state["counters"].items() if k.startswith("skipped/")}
     assert sum(skipped.values()) == 1 and it.counters["records_skipped"] == 1
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fails the test instead of hanging (the bug made the iterator read forever)."""
+
+    def alarm(*_):
+        raise TimeoutError(f"still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+LLAMA3 = os.path.join(FIXTURES, "tokenizer_llama3")
+
+
+@pytest.mark.parametrize("rows, overrides, reasons", [
+    ([{"prompt": "One two three four five six.", "chosen": " A.", "rejected": " B."}] * 3,
+     {"max_length": 4}, "dropped/prompt_too_long: 3"),
+    ([{"prompt": "Hi.", "responses": [" A.", " B."], "scores": [1.0, 1.0]}] * 3,
+     {"on_bad_record": "skip"}, "skipped/no_preference: 3"),
+    ([{"prompt": "Hi.", "chosen": " A.", "rejected": " B."}] * 3,
+     {"seq_len": 4}, "longer than a row (seq_len=4, node_slots=6): 3"),
+])
+def test_no_usable_records_is_an_error_not_an_endless_loop(tmp_path, rows, overrides, reasons):
+    path = write_rows(tmp_path / "unusable.jsonl", rows)
+    cfg = DataConfig(batch_size=2, **overrides)
+    builder = GroupBuilder(Tokenizer.from_dir(LLAMA3), cfg)
+    want = f"no usable records in {path}: 3 read, 3 skipped ({reasons})"
+    with within(60):
+        with pytest.raises(ValueError) as e:
+            next(make_train_iterator(RecordSource(path), builder, cfg))
+        assert str(e.value) == want
+        with pytest.raises(ValueError, match=re.escape(want)):
+            next(make_eval_iterator(RecordSource(path), builder, cfg))
+
+
+def test_no_usable_records_from_a_plain_builder_and_per_process():
+    records = make_records(6, bad=set(range(6)))
+    with within(60), pytest.raises(ValueError, match=re.escape(
+            "no usable records in the records given: 3 read, 3 skipped (builder returned None: "
+            "3)")):
+        next(make_train_iterator(records, build, data_config("packed"), process_index=1,
+                                 process_count=2))
+    with pytest.raises(ValueError, match=r"no records in the records given"):
+        make_train_iterator([], build, data_config("packed"))
+    with pytest.raises(ValueError, match=r"no records for process 1 of 2: the records given "
+                                         r"has 1 records"):
+        make_train_iterator(make_records(1), build, data_config("padded"), process_index=1,
+                            process_count=2)
+
+
+def test_some_usable_records_keep_the_iterator_going():
+    records = make_records(12, bad=set(range(11)))  # one good record in twelve
+    batches = take(iterator(records, "share_prefix"), 3)  # repeats forever, never raises
+    assert ids_of(batches) == [11] * 12  # one group per epoch; 4 group slots per batch
+
+
+def test_label_mapping_reaches_the_batch_scores(tmp_path):
+    path = write_rows(tmp_path / "lists.jsonl", [
+        {"prompt": "Hi.", "responses": [" A.", " B.", " C."], "scores": [3.0, 7.0, 5.0]}])
+    tok = Tokenizer.from_dir(LLAMA3)
+    for cfg, objective, want in [
+        (DataConfig(max_responses=3), None, [0.0, 1.0, 0.5]),
+        (DataConfig(max_responses=3, label_mapping="raw"), None, [3.0, 7.0, 5.0]),
+        (DataConfig(max_responses=3), "raw", [3.0, 7.0, 5.0]),  # e.g. pro, infonca
+    ]:
+        batch = next(make_eval_iterator(RecordSource(path), GroupBuilder(tok, cfg,
+                                        label_mapping=objective), cfg))
+        np.testing.assert_allclose(batch["scores"][0], want)
+
+
+def test_records_over_max_record_bytes_are_skipped_and_counted(tmp_path):
+    path = write_rows(tmp_path / "big.jsonl", [
+        {"prompt": "Hi.", "chosen": " A.", "rejected": " B."},
+        {"prompt": "Hi." * 500, "chosen": " A.", "rejected": " B."},
+        {"prompt": "Yo.", "chosen": " C.", "rejected": " D."}])
+    tok = Tokenizer.from_dir(LLAMA3)
+    source = RecordSource(path, max_record_bytes=1000)
+    cfg = DataConfig(batch_size=2)
+    with pytest.raises(BadRecordError, match=rf"{path}:2: field '<record>': record is \d+ bytes"):
+        list(make_eval_iterator(source, GroupBuilder(tok, cfg), cfg))
+    cfg = DataConfig(batch_size=2, on_bad_record="skip")
+    it = make_eval_iterator(source, GroupBuilder(tok, cfg), cfg)
+    assert sorted(ids_of(list(it))) == [0, 2]
+    assert it.counters["skipped/too_large"] == 1 and it.counters["records_skipped"] == 1

@@ -1,4 +1,4 @@
-"""Record detection, parsing, validation and label mapping (jaxpo.data.records / validate / labels)."""
+"""Record detection, parsing, validation and label mapping (data.records, validate, labels)."""
 
 import json
 import math
@@ -178,7 +178,7 @@ BAD = [
 @pytest.mark.parametrize("record,field,reason", BAD)
 def test_bad_record_names_file_line_field_and_reason(record, field, reason):
     with pytest.raises(BadRecordError) as e:
-        parse_record(record, where=W, max_responses=4, max_depth=3)
+        parse_record(record, where=W, max_responses=4, max_steps=3)
     assert e.value.reason == reason
     assert e.value.field == field
     assert str(e.value).startswith(f"data/train.jsonl:17: field '{field}': ")

@@ -166,3 +166,91 @@ def test_grain_map_dataset_over_a_source(tmp_path):
     got = [ds[i] for i in range(len(ds))]
     assert sorted(got) == sorted(r["prompt"] for r in RECORDS)
     assert got == [ds[i] for i in range(len(ds))]  # deterministic
+
+
+@pytest.mark.parametrize("name, text, why", [
+    ("empty.jsonl", "", "the file is empty"),
+    ("blank.jsonl", "\n\r\n\n", "only blank lines"),
+    ("empty.jsonl.gz", "", "the file is empty"),
+])
+def test_a_file_without_records_is_a_one_line_error(tmp_path, name, text, why):
+    path = str(tmp_path / name)
+    with (gzip.open if name.endswith(".gz") else open)(path, "wt") as f:
+        f.write(text)
+    with pytest.raises(ValueError) as e:
+        RecordSource([write_jsonl(tmp_path / "ok.jsonl", RECORDS), path])
+    assert str(e.value) == f"{path}: no records ({why})"
+
+
+def test_a_parquet_file_without_rows_is_an_error(tmp_path):
+    path = str(tmp_path / "none.parquet")
+    pq.write_table(pa.Table.from_pylist(RECORDS).slice(0, 0), path)
+    with pytest.raises(ValueError, match=r"none.parquet: no records \(0 rows\)"):
+        RecordSource(path)
+
+
+def test_a_record_over_max_record_bytes_is_a_bad_record_not_decoded(tmp_path):
+    huge = json.dumps({"prompt": "x" * 3000, "chosen": "a", "rejected": "b"})
+    path = tmp_path / "j.jsonl"
+    path.write_text(f"{json.dumps(RECORDS[0])}\n{huge[:-1]}\n{json.dumps(RECORDS[1])}\n")
+    with open(path, "rb") as f, gzip.open(tmp_path / "j.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    for p in (str(path), str(tmp_path / "j.jsonl.gz")):
+        src = RecordSource(p, max_record_bytes=1000)
+        assert len(src) == 3 and src[0].data == RECORDS[0] and src[2].data == RECORDS[1]
+        # Not decoded: the line is cut short (invalid JSON), yet the error is its size.
+        assert src[1].data is None and src[1].error.reason == "too_large"
+        assert str(src[1].error) == (f"{p}:2: field '<record>': record is {len(huge) - 1} "
+                                     "bytes, over data.max_record_bytes=1000")
+        assert RecordSource(p)[1].error.reason == "bad_json"  # within the default limit
+
+
+def test_array_record_over_max_record_bytes(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = str(tmp_path / "k.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    writer.write(json.dumps(RECORDS[0]).encode())
+    writer.write(json.dumps({"prompt": "x" * 2000}).encode())
+    writer.close()
+    src = RecordSource(path, max_record_bytes=1000)
+    assert src[0].data == RECORDS[0]
+    assert src[1].error.reason == "too_large" and str(src[1].error).startswith(f"{path}:row 1:")
+
+
+def test_indexing_memory_does_not_grow_with_a_long_line(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from jaxpo.data import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", 1 << 20, raising=False)
+    path = tmp_path / "long.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps(RECORDS[0]) + "\n")
+        f.write(json.dumps({"prompt": "x" * (8 << 20)}) + "\n")
+        f.write(json.dumps(RECORDS[1]) + "\n")
+    tracemalloc.start()
+    try:
+        src = RecordSource(str(path), max_record_bytes=1 << 16)
+        assert src[1].error.reason == "too_large" and src[2].data == RECORDS[1]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"indexing and reading peaked at {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_chunked_indexing_finds_the_same_lines_at_every_chunk_size(tmp_path, monkeypatch, chunk):
+    from jaxpo.data import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", chunk, raising=False)
+    text = ("\r\n" + json.dumps(RECORDS[0]) + "\r\n\n\r\n" + json.dumps(RECORDS[1]) + "\n\r\n"
+            + json.dumps(RECORDS[2]) + "\r")
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(text.encode())
+    src = RecordSource(str(path))
+    assert [src[i].where.index for i in range(len(src))] == [2, 5, 7]
+    assert [src[i].data for i in range(len(src))] == RECORDS[:3]
+    (tmp_path / "cr.jsonl").write_bytes(b"\n\r")  # a lone CR at the end is blank too
+    with pytest.raises(ValueError, match="only blank lines"):
+        RecordSource(str(tmp_path / "cr.jsonl"))

@@ -1,5 +1,6 @@
 """Tokenisation, chat templates, length limits and group building (jaxpo.data.tokenize / groups)."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -11,8 +12,9 @@ import jinja2
 import numpy as np
 import pytest
 
+from jaxpo.config import DataConfig
 from jaxpo.data.errors import BadRecordError, Where
-from jaxpo.data.groups import GroupBuilder, GroupConfig
+from jaxpo.data.groups import GroupBuilder
 from jaxpo.data.sources import RawRecord, RecordSource
 from jaxpo.data.tokenize import Tokenizer
 
@@ -26,6 +28,14 @@ def tokenizer(name="tokenizer_chatml"):
     if name not in _TOKENIZERS:
         _TOKENIZERS[name] = Tokenizer.from_dir(os.path.join(FIXTURES, name))
     return _TOKENIZERS[name]
+
+
+CFG = DataConfig(max_responses=4, max_steps=3)  # room for every test record
+
+
+def builder_for(tok, **kw):
+    """A GroupBuilder over ``CFG`` with some data config fields replaced."""
+    return GroupBuilder(tok, dataclasses.replace(CFG, **kw))
 
 
 def user(text):
@@ -42,7 +52,7 @@ def assistant(text):
 @pytest.mark.parametrize("case", EXPECTED, ids=[f"{c['tokenizer']}-{c['name']}" for c in EXPECTED])
 def test_ids_match_trl(case):
     """Prompt / chosen / rejected ids equal those TRL's DPO preprocessing recorded."""
-    builder = GroupBuilder(tokenizer(case["tokenizer"]), max_length=case["max_length"])
+    builder = builder_for(tokenizer(case["tokenizer"]), max_length=case["max_length"] or 1 << 20)
     group = builder(case["record"])
     if case.get("dropped"):
         assert group is None and builder.counters["dropped/prompt_too_long"] == 1
@@ -56,13 +66,13 @@ def test_ids_match_trl(case):
 
 def test_bos_and_eos_placement_for_plain_text():
     tok = tokenizer("tokenizer_llama3")
-    group = GroupBuilder(tok)({"prompt": "Hello!", "chosen": " Hi.", "rejected": " No."})
+    group = builder_for(tok)({"prompt": "Hello!", "chosen": " Hi.", "rejected": " No."})
     bos, eos = tok.bos_id, tok.eos_id
     assert group.node_tokens[0][0] == bos and (group.node_tokens[0] == bos).sum() == 1
     for k in range(2):
         assert group.response_tokens(k)[-1] == eos and (group.response_tokens(k) == bos).sum() == 0
     chatml = tokenizer("tokenizer_chatml")  # no BOS at all
-    group = GroupBuilder(chatml)({"prompt": "Hello!", "chosen": " Hi.", "rejected": " No."})
+    group = builder_for(chatml)({"prompt": "Hello!", "chosen": " Hi.", "rejected": " No."})
     assert chatml.decode(group.node_tokens[0]) == "Hello!"
     assert group.response_tokens(0)[-1] == chatml.eos_id
 
@@ -109,8 +119,8 @@ def test_template_error_is_a_bad_record():
               "rejected": assistant("b")}
     raw = RawRecord(3, record, Where("t.jsonl", 4, "line"))
     with pytest.raises(BadRecordError, match=r"t.jsonl:4: field 'prompt': chat template error"):
-        GroupBuilder(tokenizer())(raw)
-    builder = GroupBuilder(tokenizer(), on_bad_record="skip")
+        builder_for(tokenizer())(raw)
+    builder = builder_for(tokenizer(), on_bad_record="skip")
     assert builder(raw) is None and builder.counters["skipped/chat_template"] == 1
 
 
@@ -121,13 +131,13 @@ LONG = {"prompt": "Paris is the capital of France. Berlin is the capital of Germ
 
 
 def full_group(record, **kw):
-    return GroupBuilder(tokenizer(), **kw)(record)
+    return builder_for(tokenizer(), **kw)(record)
 
 
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
 def test_max_prompt_length_keeps_the_chosen_end(mode):
     ref = full_group(LONG)
-    builder = GroupBuilder(tokenizer(), max_prompt_length=5, truncation=mode)
+    builder = builder_for(tokenizer(), max_prompt_length=5, truncation_mode=mode)
     group = builder(LONG)
     want = ref.node_tokens[0][:5] if mode == "keep_start" else ref.node_tokens[0][-5:]
     np.testing.assert_array_equal(group.node_tokens[0], want)
@@ -138,12 +148,12 @@ def test_max_prompt_length_keeps_the_chosen_end(mode):
 def test_max_length_cuts_responses_at_their_end():
     ref = full_group(LONG)
     p = len(ref.node_tokens[0])
-    builder = GroupBuilder(tokenizer(), max_length=p + 4)
+    builder = builder_for(tokenizer(), max_length=p + 4)
     group = builder(LONG)
     np.testing.assert_array_equal(group.response_tokens(0), ref.response_tokens(0)[:4])
     np.testing.assert_array_equal(group.response_tokens(1), ref.response_tokens(1)[:4])
     assert builder.counters["truncated/response"] == 1 + (len(ref.response_tokens(1)) > 4)
-    builder = GroupBuilder(tokenizer(), max_length=p)
+    builder = builder_for(tokenizer(), max_length=p)
     assert builder(LONG) is None and builder.counters["dropped/prompt_too_long"] == 1
 
 
@@ -152,7 +162,7 @@ def test_responses_identical_after_truncation_drop_the_group():
                                                 " Paris is the capital of Germany."],
               "scores": [1, 0]}
     p = len(full_group(record).node_tokens[0])
-    builder = GroupBuilder(tokenizer(), max_length=p + 3)
+    builder = builder_for(tokenizer(), max_length=p + 3)
     assert builder(record) is None
     assert builder.counters["dropped/duplicate_after_truncation"] == 1
 
@@ -166,7 +176,7 @@ TREE = {"prompt": "Add 20 and 1.", "tree": {"text": " First, add the numbers: 21
 
 def test_tree_shares_steps_and_closes_leaves_with_eos():
     tok = tokenizer()
-    group = GroupBuilder(tok)(TREE)
+    group = builder_for(tok)(TREE)
     assert group.kind == "tree" and len(group.node_tokens) == 7
     assert group.node_parent == [-1, 0, 1, 1, 3, 3, 1]
     assert group.responses == [[1, 2], [1, 3, 4], [1, 3, 5], [1, 6]]
@@ -185,7 +195,7 @@ def test_flat_and_nested_trees_give_the_same_group():
         {"steps": [" First, add the numbers: 21.", " Then divide by two, which gives", " 10."],
          "score": 0.25},
         {"steps": [" First, add the numbers: 21.", " No."], "score": 0.0}]}
-    a, b = GroupBuilder(tokenizer())(TREE), GroupBuilder(tokenizer())(flat)
+    a, b = builder_for(tokenizer())(TREE), builder_for(tokenizer())(flat)
     assert a.node_parent == b.node_parent and a.responses == b.responses
     assert [t.tolist() for t in a.node_tokens] == [t.tolist() for t in b.node_tokens]
 
@@ -194,16 +204,16 @@ def test_conversational_tree_leaves_end_like_a_rendered_assistant_turn():
     tok = tokenizer()
     record = {"prompt": user("Add 20 and 1."), "tree": {"children": [
         {"text": "21.", "score": 1}, {"text": "12.", "score": 0}]}}
-    group = GroupBuilder(tok)(record)
-    pair = GroupBuilder(tok)({"prompt": user("Add 20 and 1."), "chosen": assistant("21."),
+    group = builder_for(tok)(record)
+    pair = builder_for(tok)({"prompt": user("Add 20 and 1."), "chosen": assistant("21."),
                               "rejected": assistant("12.")})
     assert [t.tolist() for t in group.node_tokens] == [t.tolist() for t in pair.node_tokens]
 
 
 def test_tree_truncation_cuts_private_steps_and_drops_responses_cut_in_shared_ones():
-    ref = GroupBuilder(tokenizer())(TREE)
+    ref = builder_for(tokenizer())(TREE)
     p, first = len(ref.node_tokens[0]), len(ref.node_tokens[1])
-    builder = GroupBuilder(tokenizer(), max_length=p + first + 2)
+    builder = builder_for(tokenizer(), max_length=p + first + 2)
     group = builder(TREE)
     # The shared " Then divide by two, which gives" step does not fit: both its leaves go.
     assert group.num_responses == 2 and len(group.node_tokens) == 4
@@ -211,7 +221,7 @@ def test_tree_truncation_cuts_private_steps_and_drops_responses_cut_in_shared_on
     np.testing.assert_array_equal(group.response_tokens(0), ref.response_tokens(0)[:first + 2])
     np.testing.assert_allclose(group.scores, [1.0, 0.0])  # ψ re-mapped on the survivors
     assert builder.counters["dropped_response/shared_step_too_long"] == 2
-    builder = GroupBuilder(tokenizer(), max_length=p + first - 1)
+    builder = builder_for(tokenizer(), max_length=p + first - 1)
     assert builder(TREE) is None
     assert builder.counters["dropped/shared_step_too_long"] == 1
 
@@ -225,7 +235,7 @@ def test_fixture_files_of_every_kind_build_in_jsonl_and_parquet():
     for name, kind in kinds.items():
         for ext in ("jsonl", "parquet"):
             src = RecordSource(os.path.join(FIXTURES, f"{name}.{ext}"))
-            builder = GroupBuilder(tokenizer("tokenizer_llama3"))
+            builder = builder_for(tokenizer("tokenizer_llama3"))
             groups = [builder(src[i]) for i in range(len(src))]
             assert all(g is not None and g.kind == kind for g in groups), (name, ext)
             assert [g.id for g in groups] == list(range(len(src)))
@@ -234,7 +244,7 @@ def test_fixture_files_of_every_kind_build_in_jsonl_and_parquet():
                 assert g.scores.shape == (g.num_responses,) and g.scores.dtype == np.float32
                 assert all(len(t) > 0 for t in g.node_tokens)
     src = RecordSource(os.path.join(FIXTURES, "pairs_explicit.parquet"))
-    group = GroupBuilder(tokenizer())(src[1])
+    group = builder_for(tokenizer())(src[1])
     np.testing.assert_array_equal(group.ref_logps, np.float32([-6.0, -2.5]))
 
 
@@ -256,8 +266,8 @@ def test_skip_mode_counts_by_reason_and_build_reports_counts(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n{broken\n")
     src = RecordSource(str(path))
     with pytest.raises(BadRecordError, match=rf"{path}:2: field 'scores': NaN"):
-        [GroupBuilder(tokenizer())(src[i]) for i in range(len(src))]
-    builder = GroupBuilder(tokenizer(), on_bad_record="skip")
+        [builder_for(tokenizer())(src[i]) for i in range(len(src))]
+    builder = builder_for(tokenizer(), on_bad_record="skip")
     groups = [builder(src[i]) for i in range(len(src))]
     assert [g is not None for g in groups] == [True, False, False, True, False]
     assert builder.counters.as_metrics() == {
@@ -271,7 +281,7 @@ def test_skip_mode_counts_by_reason_and_build_reports_counts(tmp_path):
 def test_builder_pickles_and_works_in_grain():
     import grain
 
-    builder = GroupBuilder(tokenizer(), GroupConfig(max_length=64), on_bad_record="skip")
+    builder = builder_for(tokenizer(), max_length=64, on_bad_record="skip")
     builder(TREE)
     again = pickle.loads(pickle.dumps(builder))
     assert again.cfg == builder.cfg and again.counters["groups"] == 1
@@ -282,21 +292,52 @@ def test_builder_pickles_and_works_in_grain():
     assert [ds[i].num_responses for i in range(len(ds))] == [4, 2, 3]
 
 
-def test_config_checks_and_from_config():
-    with pytest.raises(ValueError, match="data.truncation"):
-        GroupConfig(truncation="middle")
-    with pytest.raises(ValueError, match="max_prompt_length"):
-        GroupConfig(max_length=8, max_prompt_length=8)
-    with pytest.raises(ValueError, match="data.format"):
-        GroupConfig(format="csv")
+def test_builder_reads_the_data_config_fields():
+    builder = GroupBuilder(tokenizer(), DataConfig())  # the run's defaults
+    assert builder.label_mapping == "minmax"
+    group = builder(LONG)  # max_prompt_length=0: no prompt limit
+    np.testing.assert_array_equal(group.node_tokens[0], full_group(LONG).node_tokens[0])
+    assert builder.counters["truncated/prompt"] == 0
+    three = {"prompt": "p", "responses": [" a", " b", " c"], "scores": [1, 2, 3]}
+    with pytest.raises(BadRecordError, match="K=3 > max_responses=2"):
+        GroupBuilder(tokenizer(), DataConfig(max_responses=2))(three)
+    with pytest.raises(BadRecordError, match="> max_steps=1"):
+        GroupBuilder(tokenizer(), DataConfig(max_responses=4))(TREE)
+    with pytest.raises(TypeError, match="jaxpo.config.DataConfig"):
+        GroupBuilder(tokenizer(), {"max_length": 64})
+    with pytest.raises(ValueError, match="label_mapping='softmax'"):
+        GroupBuilder(tokenizer(), CFG, label_mapping="softmax")
 
-    class DataConfig:  # any config object with some of the same field names
-        max_length = 32
-        format = "pair"
-        batch_size = 4
 
-    cfg = GroupConfig.from_config(DataConfig())
-    assert (cfg.max_length, cfg.format, cfg.on_bad_record) == (32, "pair", "error")
+def _bradley_terry(s):
+    s = np.asarray(s, np.float64)
+    return [np.mean([1 / (1 + np.exp(s[j] - s[i])) for j in range(len(s)) if j != i])
+            for i in range(len(s))]
+
+
+SCORES, LEAVES = [0.0, 10.0, 1.0], [2.0, -1.0]
+
+
+@pytest.mark.parametrize("data_mapping, objective_mapping, mapping", [
+    ("", None, "minmax"),  # neither says: minmax
+    ("", "raw", "raw"),  # the objective's own (pro, infonca want raw rewards)
+    ("raw", None, "raw"),
+    ("winrate", "raw", "winrate"),  # the data config, when set, wins
+    ("bradley_terry", "minmax", "bradley_terry"),
+])
+def test_label_mapping_from_the_data_config_else_the_objective(data_mapping, objective_mapping,
+                                                              mapping):
+    want = {"minmax": ([0.0, 1.0, 0.1], [1.0, 0.0]), "raw": (SCORES, LEAVES),
+            "winrate": ([0.0, 1.0, 0.5], [1.0, 0.0]),
+            "bradley_terry": (_bradley_terry(SCORES), _bradley_terry(LEAVES))}[mapping]
+    builder = GroupBuilder(tokenizer(), dataclasses.replace(CFG, label_mapping=data_mapping),
+                           label_mapping=objective_mapping)
+    assert builder.label_mapping == mapping
+    group = builder({"prompt": "p", "responses": [" a", " b", " c"], "scores": SCORES})
+    np.testing.assert_allclose(group.scores, want[0], rtol=1e-6)
+    tree = builder({"prompt": "p", "tree": {"children": [{"text": " a", "score": LEAVES[0]},
+                                                         {"text": " b", "score": LEAVES[1]}]}})
+    np.testing.assert_allclose(tree.scores, want[1], rtol=1e-6)
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
@@ -308,7 +349,7 @@ def test_prompt_plus_response_tokens_decode_to_the_text(prompt, responses):
     """Splitting at the common prefix loses no text: prompt + response_k decodes to the record."""
     tok = tokenizer("tokenizer_llama3")
     record = {"prompt": prompt, "responses": responses, "scores": list(range(len(responses)))}
-    group = GroupBuilder(tok)(record)
+    group = builder_for(tok)(record)
     if group is None:  # only when two responses tokenise identically: impossible for unique text
         pytest.fail("group dropped")
     for k, text in enumerate(responses):

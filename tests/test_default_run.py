@@ -9,8 +9,7 @@ import sys
 import jax
 import pytest
 
-from jaxpo.train import config as config_lib
-from jaxpo.train import default
+from jaxpo import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,16 +28,15 @@ def _compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
 
 
-def test_short_default_run_writes_everything(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(default, "NUM_PROMPTS", 8)
-    config = config_lib.load_config(None, [
-        "--config.train.sft_warmup_steps=3", "--config.train.steps=3",
-        "--config.data.batch_size=4", "--config.train.eval_batches=1"])
+def test_short_demo_is_two_ordinary_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "NUM_PROMPTS", 8)
+    overrides = ["--config.train.steps=3", "--config.data.batch_size=4",
+                 "--config.train.eval_batches=1"]
     workdir = tmp_path / "run"
-    out = default.run(config, str(workdir), progress=False)
+    out = demo.run(str(workdir), overrides, sft_steps=3, progress=False)
 
     table = out["table"]
-    assert list(table) == list(default.STAGES)
+    assert list(table) == list(demo.STAGES)
     for row in table.values():
         assert 0.0 <= row["true_reward"] <= 1.0 and 0.0 <= row["exact"] <= row["true_reward"]
         assert 0.0 <= row["accuracy"] <= 1.0
@@ -46,11 +44,12 @@ def test_short_default_run_writes_everything(tmp_path, monkeypatch, capsys):
     assert table["initial model"]["accuracy"] == table["after SFT warm-up"]["accuracy"] == 0.5
     assert json.loads((workdir / "before_after.json").read_text()) == table
 
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in records if "loss" in r]
-    assert train_steps == [1, 2, 3, 4, 5, 6]
-    assert [r["phase"] for r in records if "loss" in r] == ["sft"] * 3 + ["pref"] * 3
-    assert out["summary"]["step"] == 6 and os.path.isdir(workdir / "checkpoints" / "6")
+    # An SFT run in <workdir>/sft, then a DPO run in <workdir> that starts from its weights.
+    for run_dir in (workdir / "sft", workdir):
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+        assert os.path.isdir(run_dir / "checkpoints" / "3")
+    assert out["summary"]["step"] == 3
     assert out["plot"] and os.path.exists(out["plot"])
     assert (workdir / "data" / "pair_train.jsonl").exists()
 
@@ -58,19 +57,25 @@ def test_short_default_run_writes_everything(tmp_path, monkeypatch, capsys):
     assert "after DPO" in printed and "checkpoint:" in printed and "plot:" in printed
 
 
+def test_demo_configs_apply_only_to_the_demo(tmp_path):
+    sft, dpo = demo.configs(str(tmp_path), ["--config.train.seed=3"], sft_steps=7)
+    assert (sft.loss.name, sft.train.steps, sft.model.init_from) == ("sft", 7, "")
+    assert dpo.loss.name == "dpo" and dpo.model.init_from == str(tmp_path / "sft")
+    assert sft.train.seed == dpo.train.seed == 3 and dpo.data.max_length == 32
+
+
 def test_new_workdir_never_reuses(tmp_path):
     base = str(tmp_path / "default")
-    assert default.new_workdir(base) == base
+    assert demo.new_workdir(base) == base
     os.makedirs(base)
-    assert default.new_workdir(base) == base + "-2"
+    assert demo.new_workdir(base) == base + "-2"
 
 
 @pytest.mark.slow
-@pytest.mark.representative
 def test_full_default_run_improves(tmp_path):
-    """`python -m jaxpo.train` with no config: ~2 minutes on a 2-core CPU."""
+    """`python -m jaxpo train` with no config: ~2 minutes on a 2-core CPU."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "jaxpo.train", "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "jaxpo", "train", "--no-progress"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "after DPO" in proc.stdout

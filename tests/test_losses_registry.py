@@ -1,6 +1,7 @@
 """The objective registry: routing of LossInputs, combinations, errors, and docs/losses.md."""
 
 import ast
+import dataclasses
 import inspect
 import pathlib
 import re
@@ -237,3 +238,86 @@ def test_sft_does_not_imitate_a_lone_undesirable_response():
         policy_logps=logps, scores=jnp.array([[1.0], [0.0]]), num_tokens=jnp.array([[2.0], [3.0]]),
         response_mask=jnp.ones((2, 1), bool), group_mask=jnp.ones((2,), bool))
     np.testing.assert_allclose(L.get("sft")(inputs), [2.0, 0.0], rtol=1e-6)
+
+
+def test_needs_name_exactly_the_fields_each_objective_reads():
+    """An objective given only what it declares in ``needs`` runs; without one of them it
+    fails: the trainer can compute exactly ``needs`` and nothing else."""
+    base = {"policy_logps", "scores", "num_tokens", "response_mask", "group_mask",
+            "policy_step_logps", "step_mask"}
+    for name in L.names():
+        obj = L.get(name)
+        if name == "modpo":  # needs margin-model rewards that make_inputs provides
+            assert "margins" in obj.needs
+        k = 2 if "pair" in obj.kinds else (1 if obj.kinds == ("unpaired",) else 3)
+        full = make_inputs(k=k, m=2 if "tree" in obj.kinds else 1)
+        given = {f: getattr(full, f) for f in base | set(obj.needs)
+                 if getattr(full, f) is not None}
+        out = obj(L.LossInputs(**given))
+        assert np.all(np.isfinite(np.asarray(out))), name
+        optional = {"step_similarity", "reward_mean",  # have defaults
+                    "policy_step_logps", "reference_step_logps"}  # fall back to whole responses
+        if obj.level == "token":  # reads the reference's token arrays; its sums feed the metrics
+            optional.add("reference_logps")
+        for field in sorted(set(obj.needs) - optional):
+            fewer = {f: v for f, v in given.items() if f != field}
+            with pytest.raises((ValueError, TypeError, AttributeError)):
+                obj(L.LossInputs(**fewer))
+
+
+def test_needs_of_combinations_and_modifiers():
+    assert L.get("dpo").needs == {"reference_logps"}
+    assert {"step_similarity", "policy_step_logps"} <= L.get("tpo").needs
+    assert "kto_kl" in L.get("kto").needs and "kto_kl" not in L.get("dpo").needs
+    assert "reward_mean" in L.get("bco").needs
+    assert L.get("simpo").needs == frozenset()
+    rpo = L.get("dpo + 0.2*sft")
+    assert rpo.needs == {"reference_logps"}
+    assert {"policy_token_logps", "token_log_sum_sq_probs"} <= L.with_wpo("dpo").needs
+    assert "reference_token_logps" in L.with_ld("dpo").needs
+
+
+def test_label_mappings_follow_the_papers():
+    assert L.get("pro").labels == L.get("infonca").labels == "raw"
+    assert L.get("lipo_lambda").labels == L.get("tpo").labels == "minmax"
+    assert L.get("pro + sft").labels == "raw"  # sft reads only the best response
+    with pytest.raises(ValueError, match="different label mappings"):
+        L.get("pro + lipo_lambda")
+
+
+def test_build_bakes_combinations_and_checks_hyperparameters():
+    obj, overrides = L.build("dpo", hparams={"beta": 0.3})
+    assert overrides == {"beta": 0.3} and L.metrics_beta(obj, overrides) == 0.3
+    obj, overrides = L.build("dpo + 0.2*sft", hparams={"beta": 0.3})
+    assert overrides == {} and obj.hyperparameters["dpo"]["beta"] == 0.3
+    assert L.metrics_beta(obj, overrides) == 0.3
+    assert L.metrics_beta(*L.build("simpo")) == 2.0
+    with pytest.raises(ValueError, match="has no hyperparameter 'gama'"):
+        L.build("simpo", hparams={"gama": 1.0})
+    with pytest.raises(ValueError, match="unknown objective"):
+        L.build("dpoo")
+    obj, _ = L.build("dpo", modifier="wpo")
+    assert obj.name == "wpo(dpo)" and obj.kinds == ("pair",)
+    with pytest.raises(ValueError, match="modifier 'tight'"):
+        L.build("dpo", modifier="tight")
+
+
+def test_bco_reads_the_running_reward_mean():
+    inputs = make_inputs(k=2)
+    plain = np.asarray(L.get("bco")(inputs))
+    shifted = np.asarray(L.get("bco")(dataclasses.replace(inputs, reward_mean=jnp.float32(0.5))))
+    expected = np.asarray(L.get("bco")(inputs, delta=0.5))
+    np.testing.assert_allclose(shifted, expected, rtol=1e-6)
+    assert not np.allclose(shifted[:2], plain[:2])
+
+
+def test_tpo_with_one_step_is_lipo_lambda_whatever_the_similarity():
+    """On lists (M = 1) TPO uses no step similarity: it equals LiPO-λ with the same β."""
+    inputs = make_inputs(k=3, m=1)
+    inputs = dataclasses.replace(inputs, policy_step_logps=inputs.policy_logps[..., None],
+                                 reference_step_logps=inputs.reference_logps[..., None])
+    sim = np.random.default_rng(1).uniform(0, 1, (3, 3, 3, 1)).astype(np.float32)
+    with_sim = dataclasses.replace(inputs, step_similarity=jnp.asarray(sim))
+    tpo = np.asarray(L.get("tpo")(with_sim, beta=0.05))
+    lipo = np.asarray(L.get("lipo_lambda")(inputs, beta=0.05))
+    np.testing.assert_allclose(tpo, lipo, rtol=1e-5, atol=1e-6)

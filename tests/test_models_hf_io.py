@@ -13,7 +13,7 @@ import safetensors.numpy
 from flax import nnx
 
 from jaxpo.models import Transformer, export_hf, get_preset, load_hf
-from jaxpo.models import safetensors_io
+from jaxpo.models.safetensors_io import SafetensorsFile, read_slice, save_file
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "models")
 NAMES = ["llama", "qwen2", "qwen3"]
@@ -76,8 +76,8 @@ def test_bf16_checkpoint_round_trip(tmp_path):
     cfg = get_preset("tiny-qwen2", vocab_size=32, num_layers=1, param_dtype="bfloat16")
     model = Transformer(cfg, rngs=nnx.Rngs(1))
     export_hf(model, str(tmp_path))
-    header = safetensors_io.read_header(str(tmp_path / "model.safetensors"))
-    assert {entry["dtype"] for entry in header.values()} == {"BF16"}
+    with SafetensorsFile(str(tmp_path / "model.safetensors")) as f:
+        assert {f.dtype(name) for name in f.names()} == {"BF16"}
     reloaded = load_hf(str(tmp_path), param_dtype="bfloat16")
     before, after = _params(model), _params(reloaded)
     for name in before:
@@ -88,11 +88,27 @@ def test_bf16_checkpoint_round_trip(tmp_path):
 
 
 def test_safetensors_writer_is_readable_by_the_library(tmp_path):
-    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int64)}
-    safetensors_io.save_file(arrays, str(tmp_path / "x.safetensors"))
-    loaded = safetensors.numpy.load_file(str(tmp_path / "x.safetensors"))
+    bf16 = np.array([1.5, -2.0, 3.25e38, 1e-39], np.float32).astype(ml_dtypes.bfloat16)
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.int64),
+              "c": bf16}
+    path = str(tmp_path / "x.safetensors")
+    save_file(arrays, path)
+    loaded = safetensors.numpy.load_file(path)
     for name, array in arrays.items():
-        np.testing.assert_array_equal(loaded[name], array)
+        assert loaded[name].dtype == array.dtype
+        np.testing.assert_array_equal(loaded[name].view(np.uint8), array.view(np.uint8))
+    with safetensors.safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses files without it
+
+
+def test_read_slice_reads_part_of_one_tensor(tmp_path):
+    w = np.arange(24, dtype=np.float32).reshape(4, 6)
+    path = str(tmp_path / "x.safetensors")
+    save_file({"w": w, "v": np.zeros(2, np.float32)}, path)
+    np.testing.assert_array_equal(read_slice(path, "w", (slice(2, 4), slice(0, 3))), w[2:4, :3])
+    np.testing.assert_array_equal(read_slice(path, "w"), w)
+    with pytest.raises(ValueError, match=r"x\.safetensors: cannot read tensor 'u'"):
+        read_slice(path, "u")
 
 
 def _copy(name, tmp_path):

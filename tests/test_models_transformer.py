@@ -36,7 +36,12 @@ def test_tree_mask_matches_brute_force():
         assert got[b, q, k] == want, (b, q, k)
 
 
-def test_packed_tree_row_equals_each_response_alone(model):
+@pytest.mark.parametrize("attention", ["blockwise", "dense", "pallas"])
+def test_packed_tree_row_equals_each_response_alone(attention):
+    # Blocks of 4 over S = 14: the blockwise / Pallas paths pad and skip blocks.
+    cfg = get_preset("tiny-qwen3", vocab_size=VOCAB, attention=attention, attention_block=4,
+                     pallas_block=4)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(1)
     prompt, resp_a, resp_b, other = (rng.integers(0, VOCAB, n) for n in (3, 4, 2, 3))
     # Row: [group 1: prompt, response A, response B] [group 2: one sequence] [2 pads].

@@ -1,4 +1,6 @@
-"""The optimiser chain: schedules, AdamW/SGD/Adafactor updates, clipping, accumulation."""
+"""The optimiser chain: schedules, AdamW/SGD/Adafactor updates, clipping, and the
+``apply_if_finite`` wrapper that drops non-finite updates. (Gradient accumulation is no longer
+part of the chain: the train step scans over micro-batches, see tests/test_train_step.py.)"""
 
 import math
 
@@ -7,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpo.train.config import OptimConfig
+from jaxpo.config import OptimConfig
 from jaxpo.train.optim import make_optimizer, make_schedule
 
 
@@ -77,21 +79,41 @@ def test_sgd_momentum_two_steps():
     np.testing.assert_allclose(updates["w"], -0.1 * 1.9 * np.asarray(grads["w"]), rtol=1e-6)
 
 
-def test_gradient_accumulation_averages_micro_batches():
+def test_grad_accum_steps_is_not_in_the_chain():
+    """Every ``tx.update`` is one optimiser update whatever ``grad_accum_steps`` says: the
+    step averages the micro-batches' gradients before calling it (no optax.MultiSteps)."""
     base = OptimConfig(name="sgd", b1=0.0, learning_rate=1.0, schedule="constant",
                        max_grad_norm=0.0)
     tx1, _ = make_optimizer(base, total_steps=1)
     tx2, _ = make_optimizer(OptimConfig(**{**base.__dict__, "grad_accum_steps": 2}), 1)
-    params = _params()
-    g1, g2 = _grads(), jax.tree.map(lambda g: -3.0 * g, _grads())
-    state = tx2.init(params)
-    first, state = tx2.update(g1, state, params)
-    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(first))  # no update yet
-    second, _ = tx2.update(g2, state, params)
-    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-    want, _ = tx1.update(mean, tx1.init(params), params)
+    params, grads = _params(), _grads()
+    want, _ = tx1.update(grads, tx1.init(params), params)
+    got, _ = tx2.update(grads, tx2.init(params), params)
     for name in params:
-        np.testing.assert_allclose(second[name], want[name], rtol=1e-6)
+        np.testing.assert_allclose(got[name], -np.asarray(grads[name]), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+
+
+def test_nonfinite_update_is_dropped_and_counted():
+    """make_optimizer wraps the chain in optax.apply_if_finite: a NaN gradient gives a zero
+    update, leaves the moments as they were and is counted; a finite one resets the streak."""
+    cfg = OptimConfig(learning_rate=0.1, schedule="constant", max_grad_norm=1.0)
+    tx, _ = make_optimizer(cfg, total_steps=5)
+    params, grads = _params(), _grads()
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)  # one good update: non-zero moments
+    moments = [np.asarray(x) for x in jax.tree.leaves(state.inner_state)]
+    bad = {**grads, "b": jnp.array([jnp.nan, 0.0])}
+    for n in (1, 2):
+        updates, state = tx.update(bad, state, params)
+        assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates))
+        assert int(state.notfinite_count) == n and int(state.total_notfinite) == n
+        for a, b in zip(jax.tree.leaves(state.inner_state), moments):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    updates, state = tx.update(grads, state, params)
+    assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 2
+    assert all(np.isfinite(np.asarray(u)).all() and np.asarray(u).any()
+               for u in jax.tree.leaves(updates))
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor"])

@@ -36,10 +36,10 @@ def _expected() -> dict:
 
 
 def _config(expected: dict, files: str, mode: str = "model", batch_size: int = 8):
-    from jaxpo.train.config import apply_overrides, default_config
+    from jaxpo.config import Config, apply_overrides
 
     n = expected["max_length"]
-    return apply_overrides(default_config(), [
+    return apply_overrides(Config(), [
         f"--config.model.path={os.path.join(FIXTURES, 'model')}",
         f"--config.data.train_files={files}", f"--config.data.eval_files={files}",
         "--config.data.format=pair", f"--config.data.max_length={n}",
@@ -47,7 +47,7 @@ def _config(expected: dict, files: str, mode: str = "model", batch_size: int = 8
         f"--config.data.truncation_mode={expected['truncation_mode']}",
         f"--config.data.batch_size={batch_size}", "--config.data.shuffle=false",
         "--config.loss.name=dpo", f"--config.loss.beta={expected['beta']}",
-        f"--config.reference.mode={mode}", "--config.train.sft_warmup_steps=0",
+        f"--config.reference.mode={mode}",
     ] + (["--config.reference.cache_dir=unused"] if mode == "precomputed" else []))
 
 
@@ -63,6 +63,7 @@ def jaxpo_numbers() -> dict:
     from jaxpo.data.sources import RecordSource
     from jaxpo.train import inputs, loop
     from jaxpo.train import step as step_lib
+    from jaxpo.train.loss_inputs import BATCH_KEYS, sequence_logps
     from jaxpo.train.setup import build_run
 
     expected = _expected()
@@ -72,17 +73,17 @@ def jaxpo_numbers() -> dict:
             for mode in ("model", "precomputed") for bs in (8, 2)}
     run = runs["model", 8]
     params = run.initial_params()
-    logps_fn = jax.jit(lambda p, b: step_lib.sequence_logps(
+    logps_fn = jax.jit(lambda p, b: sequence_logps(
         run.graphdef, p, b, num_nodes=run.num_nodes,
         chunk_size=run.config.model.logprob_chunk_size).logps)
     out = {form: {} for form in FORMS}
     for form in FORMS:
         path, ref_path = _paths(form)
         config = _config(expected, path)
-        builder = inputs.group_builder(config, run.tokenizer)
+        builder = inputs.group_builder(config, run.tokenizer, run.label_mapping)
         logps = {}
         for batch in inputs.eval_iterator(config, (path,), builder):
-            values = np.asarray(logps_fn(params, {k: batch[k] for k in step_lib.BATCH_KEYS}))
+            values = np.asarray(logps_fn(params, {k: batch[k] for k in BATCH_KEYS}))
             for g in np.flatnonzero(batch["group_mask"]):
                 logps[int(batch["group_id"][g])] = values[g, :2].tolist()
         ids = {}
@@ -101,20 +102,21 @@ def jaxpo_numbers() -> dict:
             for mode, name, files, ref in (("model", "same_reference", path, params),
                                            ("precomputed", "ref_model", ref_path, None)):
                 r = runs[mode, bs]
-                m = loop._evaluate(r, params, ref, (files,), builder, mode == "precomputed")
+                m = loop._Evaluator(r, (files,), builder, mode == "precomputed")(params, ref)
                 out[form][name + suffix] = {k: m[f"eval/{k}"] for k in METRICS}
                 out[form][f"groups_{name}{suffix}"] = m["eval/groups"]
     # The public entry point gives the same numbers.
-    same = loop.evaluate(_config(expected, first))
+    same = loop.evaluate(_config(expected, first), untrained=True)
     out[FORMS[0]]["evaluate"] = {k: same[f"eval/{k}"] for k in METRICS}
     # The train step's metrics (computed before its update) on the explicit-prompt records.
     ref_run = runs["precomputed", 8]
     config = _config(expected, first_ref, "precomputed")
     (batch,) = list(inputs.eval_iterator(config, (first_ref,), inputs.group_builder(
-        config, ref_run.tokenizer), with_ref_logps=True))
-    keys = step_lib.BATCH_KEYS + ("ref_logps",)
-    train_step = step_lib.TrainStep(ref_run.train_step("pref", None))
-    _, metrics = train_step(ref_run.new_state(params, "pref"), {k: batch[k] for k in keys})
+        config, ref_run.tokenizer, ref_run.label_mapping), with_ref_logps=True))
+    keys = BATCH_KEYS + ("ref_logps",)
+    train_step = ref_run.train_step()
+    _, metrics = train_step(ref_run.new_state(params), None,
+                            step_lib.stack({k: batch[k] for k in keys}))
     out[FORMS[0]]["train_step_ref_model"] = {k: float(metrics[k]) for k in METRICS}
     return out
 
@@ -177,7 +179,8 @@ def test_prompt_of_max_length_is_dropped_as_trl_does():
     """TRL drops a record whose prompt alone has ``max_length`` tokens or more; so does the
     group builder when no prompt limit applies (the config's ``max_prompt_length``, always
     below ``max_length``, would cut the prompt and keep the record instead)."""
-    from jaxpo.data.groups import GroupBuilder, GroupConfig
+    from jaxpo.config import DataConfig
+    from jaxpo.data.groups import GroupBuilder
     from jaxpo.data.sources import RecordSource
     from jaxpo.data.tokenize import Tokenizer
 
@@ -185,10 +188,10 @@ def test_prompt_of_max_length_is_dropped_as_trl_does():
     source = RecordSource([os.path.join(FIXTURES, "pairs_dropped.jsonl")])
     assert len(source) == expected["dropped"] >= 1
     tok = Tokenizer.from_dir(os.path.join(FIXTURES, "model"))
-    builder = GroupBuilder(tok, GroupConfig(format="pair", max_length=expected["max_length"]))
+    builder = GroupBuilder(tok, DataConfig(format="pair", max_length=expected["max_length"]))
     assert [builder(raw) for raw in source] == [None] * len(source)
     assert builder.counters["dropped/prompt_too_long"] == len(source)
-    long_prompt = GroupBuilder(tok, GroupConfig(format="pair", max_length=10**6))(source[0])
+    long_prompt = GroupBuilder(tok, DataConfig(format="pair", max_length=10**6))(source[0])
     assert len(long_prompt.node_tokens[0]) >= expected["max_length"]
 
 

@@ -8,11 +8,13 @@ import pytest
 from flax import nnx
 
 from jaxpo import losses
+from jaxpo.config import Config, load_config
+from jaxpo.data import batcher
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.models import Transformer
 from jaxpo.tasks import synthetic
 from jaxpo.train import inputs
-from jaxpo.train.config import Config, build_objective, load_config
+from jaxpo.train.setup import build_objective, build_run, check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -22,6 +24,7 @@ EXPECTED = {  # preset -> (objective, data kind)
     "orpo_tiny": ("orpo", "pair"), "kto_tiny": ("kto", "unpaired"),
     "lipo_tiny": ("lipo_lambda", "list"), "tpo_tiny": ("tpo", "tree"),
     "dpo_llama3_8b_tpu_v5p": ("dpo", "pair"), "lipo_qwen2_7b_gpu": ("lipo_lambda", "list"),
+    "sft_tiny": ("sft", "pair"),
 }
 
 
@@ -37,12 +40,11 @@ def test_the_issue_presets_exist():
 def test_preset_loads_and_validates(path):
     cfg = load_config(path, ["--config.train.seed=1"])
     assert isinstance(cfg, Config) and cfg.train.seed == 1
-    objective, _ = build_objective(cfg.loss)
+    objective, _ = build_objective(cfg)
+    check(cfg, objective)
     assert cfg.data.format in objective.kinds
     if _name(path) in EXPECTED:
         assert (cfg.loss.name, cfg.data.format) == EXPECTED[_name(path)]
-    if not objective.needs_reference:
-        assert cfg.reference.mode == "none"  # no wasted reference forward
 
 
 @pytest.mark.parametrize("name, rules", [("dpo_llama3_8b_tpu_v5p", "fsdp"),
@@ -57,7 +59,10 @@ def test_realistic_presets(name, rules):
 @pytest.mark.parametrize("path", TINY, ids=_name)
 def test_tiny_preset_builds_model_and_a_batch(path, tmp_path):
     cfg = load_config(path)
-    assert cfg.train.steps + cfg.train.sft_warmup_steps <= 1000  # a few minutes on a CPU
+    assert cfg.train.steps <= 1000  # a few minutes on a CPU
+    run = build_run(cfg)
+    # A reference-free objective runs no reference forward, whatever reference.mode says.
+    assert (run.reference_mode == "none") == (not run.objective.needs_reference)
     tokenizer = Tokenizer.from_dir(inputs.tokenizer_dir(cfg))
     model_cfg = inputs.model_config(cfg, tokenizer)
     assert model_cfg.vocab_size == len(synthetic.VOCAB)
@@ -65,8 +70,8 @@ def test_tiny_preset_builds_model_and_a_batch(path, tmp_path):
     assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) > 0
     train_files, eval_files = inputs.data_files(cfg, str(tmp_path))
     assert os.path.exists(train_files[0]) and os.path.exists(eval_files[0])
-    builder = inputs.group_builder(cfg, tokenizer)
+    builder = inputs.group_builder(cfg, tokenizer, run.label_mapping)
     batch = next(iter(inputs.eval_iterator(cfg, eval_files, builder)))
     assert batch["group_mask"].sum() == cfg.data.batch_size  # every record fits
-    assert batch["tokens"].shape[1] == inputs.row_length(cfg)  # any group within the limits fits
+    assert batch["tokens"].shape[1] == batcher.row_length(cfg.data)  # any group within the limits fits
     assert cfg.data.format in losses.get(cfg.loss.name).kinds

@@ -16,8 +16,8 @@ EIGHT_DEVICES = """
 import json, logging
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
-from jaxpo.sharding import (batch_shardings, constrain, get_rules, make_mesh, param_shardings,
-                            state_shardings, use_rules)
+from jaxpo.sharding import (batch_shardings, constrain, get_rules, make_mesh, named_sharding,
+                            param_shardings, state_shardings, use_rules)
 
 out = {"devices": len(jax.devices())}
 out["shapes"] = [dict(make_mesh(**kw).shape) for kw in
@@ -32,15 +32,32 @@ def part(names):
     return nnx.with_partitioning(nnx.initializers.normal(1.0), names, eager_sharding=False)
 
 class Tiny(nnx.Module):
-    def __init__(self, rngs):
+    def __init__(self, rngs, odd=False):
         self.embed = nnx.Param(part(("vocab", "embed"))(rngs.params(), (16, 8)))
         self.up = nnx.Param(part(("embed", "mlp"))(rngs.params(), (8, 12)))
-        self.odd = nnx.Param(part(("embed", "mlp"))(rngs.params(), (6, 3)))  # 6 % 2, 3 % 2
+        if odd:
+            self.odd = nnx.Param(part(("embed", "mlp"))(rngs.params(), (6, 3)))  # 3 % 2
         self.scale = nnx.Param(jnp.ones((8,)))  # no names: replicated
+
+def error(fn, *args):
+    try:
+        fn(*args)
+    except ValueError as e:
+        return str(e)
+    return None
 
 mesh = make_mesh(fsdp=2, tensor=2)
 rules = get_rules("fsdp_tp")
 model = Tiny(nnx.Rngs(0))
+# No silent replication: an indivisible parameter axis is an error, unless a rule allows it.
+odd_model = Tiny(nnx.Rngs(0), odd=True)
+out["odd_error"] = error(param_shardings, odd_model, mesh, rules)
+odd_leaves = jax.tree_util.tree_leaves_with_path(
+    param_shardings(odd_model, mesh, rules + (("mlp", None),)),
+    is_leaf=lambda x: isinstance(x, nnx.Variable))
+out["odd_allowed"] = {jax.tree_util.keystr(k): str(v.get_value().spec) for k, v in odd_leaves}
+odd_opt = nnx.Optimizer(odd_model, optax.adam(1e-3), wrt=nnx.Param)
+out["odd_opt_error"] = error(state_shardings, nnx.state(odd_opt), mesh, rules)
 params = nnx.state(model, nnx.Param)
 spec = lambda tree: [str(s.spec) for s in jax.tree.leaves(tree)]
 is_var = lambda x: isinstance(x, nnx.Variable)
@@ -57,8 +74,16 @@ abstract = nnx.state(nnx.eval_shape(lambda: Tiny(nnx.Rngs(0))), nnx.Param)
 out["abstract_equal"] = spec(param_shardings(abstract, mesh, rules)) == spec(
     param_shardings(params, mesh, rules))
 
-batch = {"tokens": np.zeros((8, 5), np.int32), "odd": np.zeros((6, 2)), "step": np.int32(3)}
+batch = {"tokens": np.zeros((8, 5), np.int32), "step": np.int32(3)}
 out["batch"] = {k: str(v.spec) for k, v in batch_shardings(batch, mesh, rules).items()}
+out["batch_error"] = error(batch_shardings, {"tokens": np.zeros((6, 2))}, mesh, rules)
+out["batch_fallback"] = str(batch_shardings(
+    {"tokens": np.zeros((6, 2))}, mesh, rules + (("batch", "data"),))["tokens"].spec)
+# Fallbacks: a smaller sharding, and a mesh axis freed for another name.
+fallback = (("vocab", "tensor"), ("vocab", "fsdp"), ("embed", "fsdp"))
+out["fallback_vocab"] = str(named_sharding((6, 8), ("vocab", "embed"), mesh, fallback).spec)
+out["fallback_error"] = error(named_sharding, (5, 8), ("vocab", "embed"), mesh, fallback)
+out["unknown_axis"] = error(named_sharding, (8,), ("embed",), mesh, (("embed", "fsdpp"),))
 
 # A sharded matmul (batch x embed @ embed x mlp) equals the unsharded one.
 rng = np.random.default_rng(0)
@@ -115,24 +140,43 @@ def test_mesh_shapes_on_eight_devices(eight):
 
 
 def test_param_shardings_follow_rules(eight):
-    # fsdp_tp: embed -> fsdp, vocab/mlp -> tensor; non-divisible dims replicated.
+    # fsdp_tp: embed -> fsdp, vocab/mlp -> tensor.
     assert eight["params"] == {
         "['embed']": "P('tensor', 'fsdp')",
-        "['odd']": "P('fsdp', None)",
         "['scale']": "P()",
         "['up']": "P('fsdp', 'tensor')",
     }
-    assert eight["params_fsdp"] == [
-        "P(None, 'fsdp')", "P('fsdp', None)", "P()",
-        "P('fsdp', None)",
-    ]
+    assert eight["params_fsdp"] == ["P(None, 'fsdp')", "P()", "P('fsdp', None)"]
     assert set(eight["params_dp"]) == {"P(None, None)", "P()"}
     assert eight["abstract_equal"] is True
 
 
+def test_indivisible_parameter_axis_is_an_error_naming_it(eight):
+    assert eight["odd_error"] == (
+        "parameter 'odd' dim 1 ('mlp') of size 3 cannot be sharded over mesh axis 'tensor' "
+        "of size 2; make it divisible, or allow replicating it with a later rule ('mlp', None)")
+    assert eight["odd_opt_error"].startswith("state array 'opt_state/0/mu/odd' dim 1 ('mlp')")
+
+
+def test_a_later_rule_allows_replicating_a_parameter_axis(eight):
+    assert eight["odd_allowed"] == {
+        "['embed']": "P('tensor', 'fsdp')",
+        "['odd']": "P('fsdp', None)",  # mlp replicated: 3 rows over tensor=2, allowed
+        "['scale']": "P()",
+        "['up']": "P('fsdp', 'tensor')",  # divisible: still sharded
+    }
+
+
+def test_fallback_rules_and_unknown_mesh_axes(eight):
+    # vocab 6 % tensor 2 == 0 -> tensor; embed then takes fsdp.
+    assert eight["fallback_vocab"] == "P('tensor', 'fsdp')"
+    assert eight["fallback_error"].startswith(
+        "array dim 0 ('vocab') of size 5 cannot be sharded over mesh axis 'fsdp' of size 2")
+    assert "mesh axes ['fsdpp']" in eight["unknown_axis"]
+
+
 def test_optimizer_state_mirrors_params(eight):
-    params = ["P('tensor', 'fsdp')", "P('fsdp', None)",
-              "P()", "P('fsdp', 'tensor')"]
+    params = ["P('tensor', 'fsdp')", "P()", "P('fsdp', 'tensor')"]
     # nnx.Optimizer: step, count (replicated), mu, nu (like params).
     assert sorted(eight["nnx_opt"]) == sorted(["P()"] * 2 + params * 2)
     # optax.adam on a pure dict: count, mu, nu matched to params by path.
@@ -140,11 +184,15 @@ def test_optimizer_state_mirrors_params(eight):
 
 
 def test_batch_shardings(eight):
-    assert eight["batch"] == {
-        "tokens": "P(('data', 'fsdp'), None)",
-        "odd": "P(None, None)",  # 6 rows over 4 devices: replicated
-        "step": "P()",
-    }
+    assert eight["batch"] == {"tokens": "P(('data', 'fsdp'), None)", "step": "P()"}
+
+
+def test_indivisible_batch_is_an_error_naming_the_array(eight):
+    assert eight["batch_error"] == (
+        "batch array 'tokens' dim 0 ('batch') of size 6 cannot be sharded over mesh axes "
+        "('data', 'fsdp') of size 4; make it divisible, or allow replicating it with a later "
+        "rule ('batch', None)")
+    assert eight["batch_fallback"] == "P('data', None)"  # a later ('batch', 'data') rule
 
 
 def test_sharded_matmul_equals_unsharded(eight):
@@ -228,6 +276,20 @@ def test_rules_presets_and_mapping():
     assert logical_to_spec(("embed", "heads", "head_dim"), tp) == P("fsdp", "tensor", None)
     assert logical_to_spec(("vocab", "embed"), get_rules("dp")) == P(None, None)
     assert get_rules([("embed", "fsdp")]) == (("embed", "fsdp"),)
+    assert get_rules([["batch", ["data", "fsdp"]]]) == (("batch", ("data", "fsdp")),)
+    with pytest.raises(ValueError, match="a sharding rule is"):
+        get_rules([("embed", "fsdp", "x")])
+    with pytest.raises(ValueError, match="a sharding rule is"):
+        get_rules([("embed", 3)])
+
+
+def test_rules_resolve_like_flax():
+    # Priority follows the rules: the earlier rule takes a mesh axis, a name's later rule is its
+    # fallback (flax.linen.logical_to_mesh_axes semantics).
+    rules = (("embed", "fsdp"), ("batch", ("data", "fsdp")), ("batch", "data"))
+    assert logical_to_spec(("batch", "embed"), rules) == P("data", "fsdp")
+    assert logical_to_spec(("batch", "length"), rules) == P(("data", "fsdp"), None)
+    assert logical_to_spec(("heads", None), rules) == P(None, None)
 
 
 def test_maybe_initialize_is_a_no_op_on_one_process(monkeypatch):

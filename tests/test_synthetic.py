@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from jaxpo.data.groups import GroupBuilder, GroupConfig
+from jaxpo.config import DataConfig
+from jaxpo.data.groups import GroupBuilder
 from jaxpo.data.records import parse_record
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.tasks import synthetic as syn
@@ -99,7 +100,8 @@ def test_generation_is_deterministic_and_splits_differ(tmp_path):
 def test_bundled_tokenizer_is_the_generated_one():
     for name, text in syn.tokenizer_files().items():
         with open(os.path.join(syn.tokenizer_dir(), name), encoding="utf-8") as f:
-            assert f.read() == text, f"regenerate jaxpo/assets/tiny_tokenizer/{name}"
+            assert f.read() == text, ("regenerate the asset: python -c 'from jaxpo.tasks import "
+                                      "synthetic as s; s.write_tokenizer(s.tokenizer_dir())'")
 
 
 def test_tokenizer_one_token_per_word_with_bos_eos():
@@ -114,7 +116,8 @@ def test_tokenizer_one_token_per_word_with_bos_eos():
 
 def test_records_become_groups_of_each_kind():
     tok = Tokenizer.from_dir(syn.tokenizer_dir())
-    builder = GroupBuilder(tok, GroupConfig(max_length=64, max_prompt_length=16))
+    cfg = DataConfig(max_length=64, max_prompt_length=16, max_responses=4, max_steps=5)
+    builder = GroupBuilder(tok, cfg)
     for kind, k in (("pair", 2), ("list", 4), ("tree", 4), ("unpaired", 1)):
         record = next(syn.records(kind, 1, seed=5))
         group = builder(record)

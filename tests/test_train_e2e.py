@@ -14,7 +14,7 @@ import pytest
 
 from jaxpo.models.hf_io import export_hf, load_hf
 from jaxpo.train import loop
-from jaxpo.train.config import Config, replace
+from jaxpo.config import Config, replace
 
 # kind -> (loss, K, M, layout)
 KINDS = {
@@ -52,7 +52,9 @@ def _config(kind: str, steps: int) -> Config:
 
 
 def _run(kind: str, workdir: str) -> None:
-    untrained = loop.evaluate(_config(kind, 2), workdir)  # no checkpoint yet: the initial model
+    with pytest.raises(ValueError, match="no checkpoint there"):  # never silently untrained
+        loop.evaluate(_config(kind, 2), workdir)
+    untrained = loop.evaluate(_config(kind, 2), workdir, untrained=True)
     assert untrained["step"] == 0 and np.isfinite(untrained["eval/loss"])
     if kind == "pair":  # policy = reference: DPO's loss is log 2
         np.testing.assert_allclose(untrained["eval/loss"], np.log(2.0), rtol=1e-5)
@@ -105,5 +107,5 @@ def test_kind_train_resume_eval_export(kind, tmp_path):
 
 def test_objective_needing_a_reference_refuses_mode_none(tmp_path):
     config = replace(Config(), {"loss": {"name": "dpo"}, "reference": {"mode": "none"}})
-    with pytest.raises(ValueError, match="needs a reference.*reference.mode='none'"):
+    with pytest.raises(ValueError, match="needs a reference.*config.reference.mode='none'"):
         loop.train(config, str(tmp_path))

@@ -12,14 +12,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_e2e import _compilation_cache  # noqa: F401  (autouse fixture: shared cache)
 
+from jaxpo.config import Config, replace
 from jaxpo.data.sources import RecordSource
 from jaxpo.tasks import synthetic
 from jaxpo.train import inputs, loop
 from jaxpo.train import reference as ref_lib
-from jaxpo.train.config import Config, replace
 from jaxpo.train.setup import build_run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module: later runs (another test's precompute
+    pass, a train run with the same shapes) reuse the executables already compiled."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +66,7 @@ def test_cache_holds_reference_logps_by_record_id(files, tmp_path):
     run = build_run(config)
     graphdef, params = run.graphdef, run.initial_params()
     forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(graphdef, p)(x), -1))
-    builder = inputs.group_builder(config, run.tokenizer)
+    builder = inputs.group_builder(config, run.tokenizer, run.label_mapping)
     source = RecordSource([files["train"]])
     for record_id in (0, 5, 11):
         group = builder(source[record_id])

@@ -1,9 +1,8 @@
 """Kill-and-resume is exact: a run killed with SIGKILL, resumed, stopped with SIGTERM and resumed
 again ends with bitwise the same parameters (CPU, fixed seed) as a run never interrupted.
 
-The runs are real ``jaxpo.train.loop.train`` processes on the tiny model with an SFT warm-up
-(so the phase switch, the reference made from the warmed-up policy and the optimizer reset are
-resumed too). They share a persistent compilation cache so that only the first compiles.
+The runs are real ``jaxpo.train.loop.train`` processes on the tiny model. They share a
+persistent compilation cache so that only the first compiles.
 """
 
 from __future__ import annotations
@@ -19,19 +18,19 @@ import numpy as np
 import pytest
 from _multidevice import REPO_ROOT, snippet_env
 
-STEPS, SFT = 10, 2  # preference updates, SFT warm-up updates: 12 step calls
+STEPS = 12  # optimiser updates
 
 SCRIPT = """
 import json, sys
 import jax, numpy as np
-from jaxpo.train.config import Config, replace
+from jaxpo.config import Config, replace
 from jaxpo.train import loop
 workdir = sys.argv[1]
 cfg = replace(Config(), {
     "loss": {"name": "dpo", "beta": 0.1},
     "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
     "data": {"max_length": 48, "max_prompt_length": 24, "batch_size": 4},
-    "train": {"steps": STEPS, "sft_warmup_steps": SFT, "checkpoint_every": 2, "eval_every": 0,
+    "train": {"steps": STEPS, "checkpoint_every": 2, "eval_every": 0,
               "eval_batches": 1, "seed": 3},
 })
 summary = loop.train(cfg, workdir, progress=False)
@@ -42,7 +41,7 @@ if not summary["preempted"]:
     np.savez(workdir + "/final.npz", **{jax.tree_util.keystr(p): np.asarray(x)
                                         for p, x in leaves})
 print(json.dumps({k: summary[k] for k in ("step", "preempted", "resumed_from")}))
-""".replace("STEPS", str(STEPS)).replace("SFT", str(SFT))
+""".replace("STEPS", str(STEPS))
 
 
 def _start(workdir: str, cache: str) -> subprocess.Popen:
@@ -97,26 +96,25 @@ def test_sigkill_then_sigterm_resume_is_bitwise_exact(tmp_path):
     cache = str(tmp_path / "jax_cache")
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     reference = _start(straight, cache)
-    # 1. SIGKILL as soon as a checkpoint exists (end of the SFT warm-up).
+    # 1. SIGKILL as soon as a checkpoint exists.
     proc = _start(interrupted, cache)
     _wait_for(lambda: _checkpoints(interrupted), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = _checkpoints(interrupted)[-1]
-    assert killed_at < STEPS + SFT
-    # 2. Resume; SIGTERM once it has logged a step of its own, in the preference phase.
+    assert killed_at < STEPS
+    # 2. Resume; SIGTERM once it has logged a step of its own.
     proc = _start(interrupted, cache)
-    _wait_for(lambda: max(_logged_steps(interrupted), default=0) > max(killed_at, SFT) + 1,
-              proc)
+    _wait_for(lambda: max(_logged_steps(interrupted), default=0) > killed_at + 1, proc)
     proc.send_signal(signal.SIGTERM)
     summary = _finish(proc)
     assert summary["resumed_from"] == killed_at
-    assert summary["preempted"] and summary["step"] < STEPS + SFT
+    assert summary["preempted"] and summary["step"] < STEPS
     assert _checkpoints(interrupted)[-1] == summary["step"]  # saved after the current step
     # 3. Resume to the end.
     summary = _finish(_start(interrupted, cache))
-    assert summary["step"] == STEPS + SFT and not summary["preempted"]
-    assert _finish(reference)["step"] == STEPS + SFT
+    assert summary["step"] == STEPS and not summary["preempted"]
+    assert _finish(reference)["step"] == STEPS
 
     a, b = np.load(os.path.join(straight, "final.npz")), np.load(
         os.path.join(interrupted, "final.npz"))
@@ -133,7 +131,7 @@ import jax
 from jaxpo.sharding import maybe_initialize
 maybe_initialize()
 from jaxpo.train import loop
-from jaxpo.train.config import Config, replace
+from jaxpo.config import Config, replace
 cfg = replace(Config(), {"optim": {"learning_rate": 1e-3},
                          "data": {"max_length": 48, "max_prompt_length": 24, "batch_size": 4},
                          "train": {"steps": 3, "checkpoint_every": 2, "eval_batches": 1}})

@@ -1,19 +1,21 @@
 """jaxpo.data: preference records → tokenised groups → fixed-shape batches.
 
-Batching (docs/architecture.md §2): :func:`pack_groups` packs a list of groups into one batch;
+Batching (docs/architecture.md §2): :meth:`BatchConfig.from_data_config` derives one process's
+batch shapes from the run's :class:`jaxpo.config.DataConfig` (:func:`row_length` ``S``,
+:func:`node_slots` ``N``); :func:`pack_groups` packs a list of groups into one batch;
 :func:`make_train_iterator` / :func:`make_eval_iterator` build the resumable grain pipeline.
 """
 
-from jaxpo.data.batcher import BatchConfig, pack_groups
-from jaxpo.data.layout import LAYOUTS
+from jaxpo.data.batcher import BatchConfig, node_slots, pack_groups, row_length
 from jaxpo.data.pipeline import make_eval_iterator, make_train_iterator
 from jaxpo.data.types import TokenizedGroup
 
 __all__ = [
-    "LAYOUTS",
     "BatchConfig",
     "TokenizedGroup",
     "make_eval_iterator",
     "make_train_iterator",
+    "node_slots",
     "pack_groups",
+    "row_length",
 ]

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxpo.data.layout import LAYOUTS, Unit, check_group, group_units
+from jaxpo.config import LAYOUTS, DataConfig
+from jaxpo.data.layout import Unit, check_group, group_units
 from jaxpo.data.types import TokenizedGroup
 
 TOKEN_KEYS = ("tokens", "positions", "segment", "node_pre", "node_last", "pred_index", "node_slot")
@@ -75,11 +76,84 @@ class BatchConfig:
                 raise ValueError(f"rows: padded layout needs batch_size * max_responses = "
                                  f"{self.batch_size * self.max_responses} rows, got {self.rows}")
 
+    @classmethod
+    def from_data_config(cls, data_cfg: DataConfig, *, process_count: int = 1,
+                         with_ref_logps: bool = False) -> BatchConfig:
+        """One process's slice of the global batch that ``data_cfg`` describes.
+
+        ``NG = data.batch_size / P`` group slots and, when ``data.rows`` is set,
+        ``R = data.rows / P`` rows; ``S`` = :func:`row_length`, ``N`` = :func:`node_slots`,
+        ``K = data.max_responses``, ``M = data.max_steps``.
+
+        Args:
+          data_cfg: the run's data config (global batch shapes).
+          process_count: ``P``, the processes that each feed a slice of the global batch.
+          with_ref_logps: include the groups' precomputed ``ref_logps [NG, K]``.
+
+        >>> cfg = BatchConfig.from_data_config(DataConfig(max_length=64, batch_size=8),
+        ...                                    process_count=2)
+        >>> cfg.layout, cfg.batch_size, cfg.seq_len, cfg.node_slots, cfg.num_rows
+        ('share_prefix', 4, 127, 6, 4)
+        """
+        if process_count < 1 or data_cfg.batch_size % process_count:
+            raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by "
+                             f"process_count={process_count}")
+        if data_cfg.rows % process_count:
+            raise ValueError(f"data.rows={data_cfg.rows} is not divisible by "
+                             f"process_count={process_count}")
+        return cls(data_cfg.layout, batch_size=data_cfg.batch_size // process_count,
+                   seq_len=row_length(data_cfg), max_responses=data_cfg.max_responses,
+                   node_slots=node_slots(data_cfg), max_steps=data_cfg.max_steps,
+                   rows=data_cfg.rows // process_count or None, with_ref_logps=with_ref_logps)
+
     @property
     def num_rows(self) -> int:
         if self.rows is not None:
             return self.rows
         return self.batch_size * (self.max_responses if self.layout == "padded" else 1)
+
+
+def row_length(data_cfg: DataConfig) -> int:
+    """``S``: ``data.seq_len``, or the longest group that survives the length limits.
+
+    ``data.max_length`` bounds prompt + response, per response (the group builder cuts each
+    response to it), so a group of K responses under a prompt of ``p >= 1`` tokens has at most
+    ``p + K * (max_length - p)`` distinct tokens: ``K * (max_length - 1) + 1`` in the
+    ``share_prefix`` layout (prompt and shared steps once), ``K * max_length`` in ``packed``
+    (prompt repeated per response), ``max_length`` in ``padded`` (a row per response). A
+    shorter ``data.seq_len`` drops every group longer than it (``groups_dropped_too_long``).
+
+    >>> row_length(DataConfig(layout="packed", max_length=64, max_responses=4))
+    256
+    """
+    d = data_cfg
+    if d.seq_len:
+        return d.seq_len
+    if d.layout == "padded":
+        return d.max_length
+    if d.layout == "packed":
+        return d.max_responses * d.max_length
+    return d.max_responses * (d.max_length - 1) + 1
+
+
+def node_slots(data_cfg: DataConfig) -> int:
+    """``N``: ``data.node_slots``, or enough for two of the largest groups per row.
+
+    A response is a path of at most ``M = data.max_steps`` nodes under the prompt: ``1 + M``
+    nodes per row in ``padded``, ``K * (1 + M)`` per group in ``packed`` (the prompt repeated
+    per response), at most ``1 + K * M`` per group in ``share_prefix``.
+
+    >>> node_slots(DataConfig(layout="share_prefix", max_responses=4, max_steps=3))
+    26
+    """
+    d = data_cfg
+    if d.node_slots:
+        return d.node_slots
+    k, m = d.max_responses, d.max_steps
+    if d.layout == "padded":
+        return 1 + m
+    per_group = k * (1 + m) if d.layout == "packed" else 1 + k * m
+    return 2 * per_group
 
 
 def check_shapes(group: TokenizedGroup, cfg: BatchConfig) -> None:

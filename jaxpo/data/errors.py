@@ -11,8 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-ON_BAD_RECORD = ("error", "skip")
-
 
 @dataclasses.dataclass(frozen=True)
 class Where:

@@ -14,12 +14,15 @@ Trees tokenise each step on its own (shared steps must be shared tokens): the pr
 each step without special tokens, and each leaf followed by the EOS text (plain text) or by what
 the chat template writes after an assistant message's content (conversational).
 
-Length limits (see docs/data.md): ``max_prompt_length`` cuts the prompt (``keep_start`` keeps its
+Every setting is a field of :class:`jaxpo.config.DataConfig`. Length limits (see docs/data.md):
+``max_prompt_length`` (0 = none) cuts the prompt (``truncation_mode``: ``keep_start`` keeps its
 first tokens, ``keep_end`` its last); a prompt of ``max_length`` tokens or more drops the group;
 each response is cut at its end so that prompt + response fits ``max_length`` — in a tree only
 within steps no other response shares (a response whose cut falls in a shared step is dropped).
 A response left empty is dropped, and a group left with fewer than 2 responses (1 for unpaired)
-is dropped; everything is counted.
+is dropped; everything is counted. List and tree scores become ψ labels by ``label_mapping``
+(:mod:`jaxpo.data.labels`): ``DataConfig.label_mapping``, else the objective's own (passed by the
+trainer), else ``minmax``.
 """
 
 from __future__ import annotations
@@ -31,62 +34,15 @@ from typing import Any
 import jinja2
 import numpy as np
 
+from jaxpo.config import DataConfig
 from jaxpo.data import labels
-from jaxpo.data.errors import ON_BAD_RECORD, BadRecordError, RecordCounters, Where
-from jaxpo.data.records import FORMATS, Record, parse_record
+from jaxpo.data.errors import BadRecordError, RecordCounters, Where
+from jaxpo.data.records import Record, parse_record
 from jaxpo.data.sources import RawRecord
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.data.types import TokenizedGroup
 
-TRUNCATION = ("keep_start", "keep_end")
 _SENTINEL = "\x00jaxpo-completion\x00"
-
-
-@dataclasses.dataclass(frozen=True)
-class GroupConfig:
-    """How records become groups.
-
-    Attributes:
-      format: ``auto`` (detect per record from its fields) or ``pair``/``list``/``tree``/``unpaired``.
-      max_length: longest prompt + response in tokens (None: no limit).
-      max_prompt_length: longest prompt in tokens (None: no limit).
-      truncation: which end of a too-long prompt is kept: ``keep_start`` or ``keep_end``.
-      max_responses: largest K of a list or tree; more is a bad record (None: no limit).
-      max_depth: most steps on a tree path; more is a bad record (None: no limit).
-      on_bad_record: ``error`` raises :class:`BadRecordError`; ``skip`` skips and counts.
-      label_mapping: scores → ψ for lists and trees (see :mod:`jaxpo.data.labels`).
-    """
-
-    format: str = "auto"
-    max_length: int | None = None
-    max_prompt_length: int | None = None
-    truncation: str = "keep_start"
-    max_responses: int | None = None
-    max_depth: int | None = None
-    on_bad_record: str = "error"
-    label_mapping: str = "minmax"
-
-    def __post_init__(self):
-        checks = [("format", self.format in FORMATS, FORMATS),
-                  ("truncation", self.truncation in TRUNCATION, TRUNCATION),
-                  ("on_bad_record", self.on_bad_record in ON_BAD_RECORD, ON_BAD_RECORD),
-                  ("label_mapping", self.label_mapping in labels.MAPPINGS, labels.MAPPINGS)]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"data.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("max_length", "max_prompt_length", "max_responses", "max_depth"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"data.{name}={value}: must be positive or None")
-        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise ValueError(f"data.max_prompt_length={self.max_prompt_length} leaves no room for "
-                             f"a response within data.max_length={self.max_length}")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> GroupConfig:
-        """Takes the fields of the same name from any config object (e.g. the data config)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
-                      if hasattr(cfg, f.name)})
 
 
 @dataclasses.dataclass
@@ -104,22 +60,34 @@ class GroupBuilder:
     ``builder(raw)`` returns None when the record is skipped (``on_bad_record="skip"``) or dropped
     by the length limits, and adds to ``builder.counters``. In worker processes those counters
     stay in the worker: use :meth:`build`, whose result carries the counts, to bring them back.
+
+    Args:
+      tokenizer: the model's :class:`Tokenizer`.
+      cfg: the data config; the builder reads ``format``, ``max_length``, ``max_prompt_length``
+        (0 = no limit), ``truncation_mode``, ``max_responses``, ``max_steps``,
+        ``on_bad_record`` and ``label_mapping``.
+      label_mapping: scores → ψ (:data:`jaxpo.data.labels.MAPPINGS`) when
+        ``cfg.label_mapping`` is empty: the objective's own mapping, which the trainer passes.
+        If both are empty, ``minmax``.
     """
 
-    def __init__(self, tokenizer: Tokenizer, cfg: GroupConfig | None = None, **overrides: Any):
-        cfg = cfg if isinstance(cfg, GroupConfig) or cfg is None else GroupConfig.from_config(cfg)
+    def __init__(self, tokenizer: Tokenizer, cfg: DataConfig, *,
+                 label_mapping: str | None = None):
+        if not isinstance(cfg, DataConfig):
+            raise TypeError(f"GroupBuilder: cfg must be a jaxpo.config.DataConfig, got "
+                            f"{type(cfg).__name__}")
         self.tokenizer = tokenizer
-        self.cfg = dataclasses.replace(cfg or GroupConfig(), **overrides)
+        self.cfg = cfg
+        self.label_mapping = cfg.label_mapping or label_mapping or "minmax"
+        if self.label_mapping not in labels.MAPPINGS:
+            raise ValueError(f"label_mapping={self.label_mapping!r}: expected one of "
+                             f"{labels.MAPPINGS}")
         self.counters = RecordCounters()
 
     def __call__(self, raw: RawRecord | dict[str, Any]) -> TokenizedGroup | None:
         result = self.build(raw)
         self.counters.merge(result.counts)
         return result.group
-
-    def map(self, raw: RawRecord | dict[str, Any]) -> TokenizedGroup | None:
-        """grain ``MapTransform`` protocol."""
-        return self(raw)
 
     def parse(self, raw: RawRecord | dict[str, Any]) -> Record:
         """Checks and normalises a raw record (raises :class:`BadRecordError`)."""
@@ -129,7 +97,7 @@ class GroupBuilder:
             raise raw.error
         cfg = self.cfg
         return parse_record(raw.data, format=cfg.format, record_id=raw.id, where=raw.where,
-                            max_responses=cfg.max_responses, max_depth=cfg.max_depth)
+                            max_responses=cfg.max_responses, max_steps=cfg.max_steps)
 
     def build(self, raw: RawRecord | dict[str, Any]) -> BuildResult:
         """The group and the counts for one record; raises only with ``on_bad_record="error"``."""
@@ -200,27 +168,29 @@ class GroupBuilder:
     def _fit(self, rec, prompt, nodes, parents, paths, counts) -> TokenizedGroup | None:
         cfg = self.cfg
         nodes = [list(n) for n in nodes]
-        if cfg.max_prompt_length is not None and len(prompt) > cfg.max_prompt_length:
+        if cfg.max_prompt_length and len(prompt) > cfg.max_prompt_length:  # 0: no limit
             cut = cfg.max_prompt_length
-            nodes[0] = nodes[0][:cut] if cfg.truncation == "keep_start" else nodes[0][-cut:]
+            nodes[0] = nodes[0][:cut] if cfg.truncation_mode == "keep_start" else nodes[0][-cut:]
             counts["truncated/prompt"] += 1
+            counts["truncated/prompt_tokens"] += len(prompt) - cut
         p = len(nodes[0])
-        if p == 0 or (cfg.max_length is not None and p >= cfg.max_length):
+        if p == 0 or p >= cfg.max_length:
             counts["dropped/empty_prompt" if p == 0 else "dropped/prompt_too_long"] += 1
             return None
         uses = collections.Counter(n for path in paths for n in path)
         kept, dropped = [], []
         for k, path in enumerate(paths):
-            budget = None if cfg.max_length is None else cfg.max_length - p
+            budget = cfg.max_length - p
             new_path, reason = [], None
             for n in path:
-                if budget is None or len(nodes[n]) <= budget:
-                    budget = None if budget is None else budget - len(nodes[n])
+                if len(nodes[n]) <= budget:
+                    budget -= len(nodes[n])
                     new_path.append(n)
                     continue
                 if uses[n] > 1:
                     reason = "shared_step_too_long"
                 elif budget > 0:
+                    counts["truncated/response_tokens"] += len(nodes[n]) - budget
                     nodes[n] = nodes[n][:budget]
                     new_path.append(n)
                     counts["truncated/response"] += 1
@@ -256,9 +226,9 @@ class GroupBuilder:
             ranks = [rec.ranks[k] for k in ks]
             return None if len(set(ranks)) < 2 else labels.ranks_to_psi(ranks)
         scores = [rec.scores[k] for k in ks]
-        if len(set(scores)) < 2 and self.cfg.label_mapping != "raw":
+        if len(set(scores)) < 2 and self.label_mapping != "raw":
             return None
-        return labels.scores_to_psi(scores, self.cfg.label_mapping)
+        return labels.scores_to_psi(scores, self.label_mapping)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MAPPINGS = ("minmax", "winrate", "bradley_terry", "raw")
+MAPPINGS = ("minmax", "winrate", "bradley_terry", "raw")  # DataConfig.label_mapping, less ""
 
 
 def win_rate(values: Sequence[float]) -> np.ndarray:
@@ -67,7 +67,9 @@ def scores_to_psi(scores: Sequence[float], mapping: str = "minmax") -> np.ndarra
     s = np.asarray(scores, np.float64)  # [K]
     if mapping == "minmax":
         span = s.max() - s.min()
-        return ((s - s.min()) / span).astype(np.float32) if span > 0 else np.full(len(s), 0.5, np.float32)
+        if span == 0:
+            return np.full(len(s), 0.5, np.float32)
+        return ((s - s.min()) / span).astype(np.float32)
     if mapping == "winrate":
         return win_rate(s)
     if mapping == "bradley_terry":
@@ -77,11 +79,3 @@ def scores_to_psi(scores: Sequence[float], mapping: str = "minmax") -> np.ndarra
         return s.astype(np.float32)
     raise ValueError(f"label_mapping must be one of {MAPPINGS}, got {mapping!r}")
 
-
-def to_psi(
-    scores: Sequence[float] | None, ranks: Sequence[int] | None, mapping: str = "minmax"
-) -> np.ndarray:
-    """ψ from whichever of scores or ranks a record has (exactly one must be given)."""
-    if (scores is None) == (ranks is None):
-        raise ValueError("exactly one of scores and ranks must be given")
-    return ranks_to_psi(ranks) if ranks is not None else scores_to_psi(scores, mapping)

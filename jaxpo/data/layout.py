@@ -40,9 +40,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxpo.config import LAYOUTS
 from jaxpo.data.types import TokenizedGroup
-
-LAYOUTS = ("padded", "packed", "share_prefix")
 
 
 @dataclasses.dataclass(frozen=True)

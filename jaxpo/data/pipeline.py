@@ -24,6 +24,11 @@ yields exactly the batches that would have followed. ``iterator.counters`` holds
 records builder's per-reason counts (``skipped/<reason>``, ``truncated/prompt``, ...) when it
 reports them.
 
+A pass over the records that yields no group at all (every record skipped, dropped by the length
+limits or longer than a row) would make the iterator read forever: once a whole epoch has been
+read with nothing usable, ``next()`` raises ``ValueError("no usable records in FILES: N read, N
+skipped (reasons with counts)")``.
+
 Process p of P reads only records ``p, p + P, …`` and produces its slice of the global batch:
 ``NG / P`` groups in ``R / P`` rows, flat node ids offset by ``p * (R / P) * N``. With a finite
 ``num_epochs`` the processes may run out of data a batch apart (their shards differ in length
@@ -39,6 +44,7 @@ from typing import Any
 import grain
 from absl import flags
 
+from jaxpo.config import DataConfig
 from jaxpo.data.batcher import BatchBuilder, BatchConfig, check_shapes, fits_in_row
 from jaxpo.data.layout import group_units
 from jaxpo.data.types import TokenizedGroup
@@ -89,20 +95,21 @@ class PackIterDataset(grain.IterDataset):
       window: how many groups may wait for a later batch.
       row_offset: global index of this process's first row.
       shard_len: records per epoch in this shard (for the ``epoch`` counter).
+      name: the source, for messages (its files).
     """
 
     def __init__(self, parent: grain.IterDataset, indexed: grain.MapDataset, cfg: BatchConfig,
-                 *, window: int, row_offset: int, shard_len: int):
+                 *, window: int, row_offset: int, shard_len: int, name: str = "the records"):
         super().__init__(parent)
         if window < 1:
             raise ValueError(f"window: must be >= 1, got {window}")
         self._indexed, self._cfg, self._window = indexed, cfg, window
-        self._row_offset, self._shard_len = row_offset, max(shard_len, 1)
+        self._row_offset, self._shard_len, self._name = row_offset, max(shard_len, 1), name
 
     def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), self._indexed, self._cfg,
                             window=self._window, row_offset=self._row_offset,
-                            shard_len=self._shard_len)
+                            shard_len=self._shard_len, name=self._name)
 
     def __str__(self) -> str:
         return f"PackIterDataset(layout={self._cfg.layout}, window={self._window})"
@@ -112,10 +119,11 @@ class PackIterator(grain.DatasetIterator):
     """The iterator of :class:`PackIterDataset`; ``counters`` are part of its state."""
 
     def __init__(self, parent: grain.DatasetIterator, indexed: grain.MapDataset,
-                 cfg: BatchConfig, *, window: int, row_offset: int, shard_len: int):
+                 cfg: BatchConfig, *, window: int, row_offset: int, shard_len: int,
+                 name: str = "the records"):
         super().__init__(parent)
         self._indexed, self._cfg, self._window = indexed, cfg, window
-        self._row_offset, self._shard_len = row_offset, shard_len
+        self._row_offset, self._shard_len, self._name = row_offset, shard_len, name
         self._pending: list[tuple[int, TokenizedGroup, list]] = []
         self._exhausted = False
         self.counters = dict.fromkeys(COUNTER_KEYS, 0)
@@ -143,11 +151,34 @@ class PackIterator(grain.DatasetIterator):
                 self.counters["groups_dropped_too_long"] += 1
             elif not builder.add(group, units):
                 self._pending.append((index, group, units))
+            if self.counters["records_read"] >= self._shard_len and self._usable() == 0:
+                raise self._no_usable_records()
         if builder.num_groups == 0:
             raise StopIteration
         self.counters["groups_packed"] += builder.num_groups
         self.counters["batches"] += 1
         return builder.finish()
+
+    def _usable(self) -> int:
+        """Records read so far that became a group of a batch (packed, pending or placed)."""
+        c = self.counters
+        return c["records_read"] - c["records_skipped"] - c["groups_dropped_too_long"]
+
+    def _no_usable_records(self) -> ValueError:
+        """A whole pass yielded no group: training would wait for one forever."""
+        c = self.counters
+        counted = {k: v for k, v in sorted(c.items()) if k.startswith(("skipped/", "dropped/"))}
+        reasons = [f"{k}: {v}" for k, v in counted.items() if v]
+        unexplained = c["records_skipped"] - sum(counted.values())
+        if unexplained > 0:  # a builder that does not report its reasons
+            reasons.append(f"builder returned None: {unexplained}")
+        too_long = c["groups_dropped_too_long"]
+        if too_long:
+            reasons.append(f"longer than a row (seq_len={self._cfg.seq_len}, node_slots="
+                           f"{self._cfg.node_slots}): {too_long}")
+        return ValueError(
+            f"no usable records in {self._name}: {c['records_read']} read, "
+            f"{c['records_skipped'] + too_long} skipped ({', '.join(reasons)})")
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -166,93 +197,97 @@ class PackIterator(grain.DatasetIterator):
 
 def make_train_iterator(
     source: Sequence[Any],
-    builder: Callable[[Any], TokenizedGroup | None] | None = None,
+    builder: Callable[[Any], TokenizedGroup | None] | None,
+    data_cfg: DataConfig,
     *,
-    layout: str,
-    batch_size: int,
-    seq_len: int,
-    max_responses: int,
-    node_slots: int,
-    max_steps: int = 1,
-    rows: int | None = None,
-    with_ref_logps: bool = False,
     seed: int = 0,
-    shuffle: bool = True,
     num_epochs: int | None = None,
-    window: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
-    num_workers: int = 0,
-    read_threads: int = 0,
+    with_ref_logps: bool = False,
 ) -> PackIterator:
     """The training iterator: batches of this process's slice of the global batch.
 
     Args:
-      source: random-access records (e.g. the records module's source), or TokenizedGroups when
-        ``builder`` is None.
-      builder: ``record → TokenizedGroup | None`` (None = skipped and counted), or a records
+      source: random-access records (a :class:`~jaxpo.data.sources.RecordSource`), or
+        TokenizedGroups when ``builder`` is None.
+      builder: ``record → TokenizedGroup | None`` (None = skipped and counted), or a
         ``GroupBuilder`` (its per-reason counts are added to ``counters``); must pickle when
-        ``num_workers > 0``.
-      layout: ``padded``, ``packed`` or ``share_prefix``.
-      batch_size: ``NG`` group slots of the *global* batch (divisible by ``process_count``).
-      seq_len: ``S``. max_responses: ``K``. node_slots: ``N``. max_steps: ``M``.
-      rows: ``R`` rows of the global batch (default: :class:`BatchConfig`'s, times P).
-      with_ref_logps: include the groups' precomputed ``ref_logps [NG, K]``.
+        ``data_cfg.num_workers > 0``.
+      data_cfg: the global batch shapes (:meth:`BatchConfig.from_data_config`), ``shuffle``
+        and ``num_workers``.
       seed: shuffle seed; each epoch is shuffled differently.
-      shuffle: shuffle the records (globally, within this process's shard).
       num_epochs: passes over the data; None repeats forever.
-      window: groups that may wait for a later batch (default ``2 * NG / P``).
       process_index, process_count: this process and the number of processes.
-      num_workers: grain worker processes for building groups (0 = in this process).
-      read_threads: grain reader threads per process (0 = synchronous).
+      with_ref_logps: include the groups' precomputed ``ref_logps [NG, K]``.
 
     Returns:
       An iterator of batch dicts (docs/architecture.md §2) with ``get_state()``/``set_state()``
       and a ``counters`` dict.
+
+    Raises:
+      ValueError: from ``next()``, when a whole pass over this process's records yields no
+        group to train on (every record skipped, dropped or too long for a row): the message
+        counts the records read and the reasons.
     """
-    cfg = _local_config(layout, batch_size, seq_len, max_responses, node_slots, max_steps, rows,
-                        with_ref_logps, process_count)
+    return _iterator(source, builder, data_cfg, shuffle=data_cfg.shuffle, seed=seed,
+                     num_epochs=num_epochs, process_index=process_index,
+                     process_count=process_count, with_ref_logps=with_ref_logps)
+
+
+def make_eval_iterator(
+    source: Sequence[Any],
+    builder: Callable[[Any], TokenizedGroup | None] | None,
+    data_cfg: DataConfig,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    with_ref_logps: bool = False,
+) -> PackIterator:
+    """One pass in order (``data_cfg.shuffle`` is ignored); the last batch is padded with
+    empty groups. Arguments as for :func:`make_train_iterator`."""
+    return _iterator(source, builder, data_cfg, shuffle=False, seed=0, num_epochs=1,
+                     process_index=process_index, process_count=process_count,
+                     with_ref_logps=with_ref_logps)
+
+
+def _iterator(source, builder, data_cfg: DataConfig, *, shuffle: bool, seed: int,
+              num_epochs: int | None, process_index: int, process_count: int,
+              with_ref_logps: bool) -> PackIterator:
+    cfg = BatchConfig.from_data_config(data_cfg, process_count=process_count,
+                                       with_ref_logps=with_ref_logps)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index: {process_index} not in [0, {process_count})")
+    name = _describe(source)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     shard_len = len(ds)
+    if shard_len == 0:
+        raise ValueError(f"no records in {name}" if len(source) == 0 else
+                         f"no records for process {process_index} of {process_count}: {name} "
+                         f"has {len(source)} records")
     if shuffle:
         ds = ds.seed(seed).shuffle()
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(BuildGroup(builder, cfg))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                 prefetch_buffer_size=max(read_threads, 1) * 8))
-    if num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; use their defaults
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=8))
+    if data_cfg.num_workers > 0:
+        # grain (0.2.18, grain/_src/core/profiler.py) reads its absl flag
+        # --grain_enable_multiprocess_worker_profiling when it starts workers, which raises
+        # UnparsedFlagAccessError outside an absl app; there every flag keeps its default.
+        if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                               per_worker_buffer_size=16))
-    packed = PackIterDataset(it_ds, ds, cfg, window=window or 2 * cfg.batch_size,
-                             row_offset=process_index * cfg.num_rows, shard_len=shard_len)
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.num_workers, per_worker_buffer_size=16))
+    packed = PackIterDataset(it_ds, ds, cfg, window=2 * cfg.batch_size,
+                             row_offset=process_index * cfg.num_rows, shard_len=shard_len,
+                             name=name)
     return packed.__iter__()
 
 
-def make_eval_iterator(source: Sequence[Any],
-                       builder: Callable[[Any], TokenizedGroup | None] | None = None,
-                       **kwargs: Any) -> PackIterator:
-    """One pass in order, no shuffle; the last batch is padded with empty groups.
-
-    Takes the arguments of :func:`make_train_iterator` except ``shuffle``, ``num_epochs``
-    and ``seed``.
-    """
-    return make_train_iterator(source, builder, shuffle=False, num_epochs=1, **kwargs)
-
-
-def _local_config(layout, batch_size, seq_len, max_responses, node_slots, max_steps, rows,
-                  with_ref_logps, process_count) -> BatchConfig:
-    """This process's slice of the global batch shapes."""
-    if process_count < 1 or batch_size % process_count:
-        raise ValueError(f"batch_size: {batch_size} is not divisible by process_count="
-                         f"{process_count}")
-    if rows is not None and rows % process_count:
-        raise ValueError(f"rows: {rows} is not divisible by process_count={process_count}")
-    return BatchConfig(layout, batch_size=batch_size // process_count, seq_len=seq_len,
-                       max_responses=max_responses, node_slots=node_slots, max_steps=max_steps,
-                       rows=None if rows is None else rows // process_count,
-                       with_ref_logps=with_ref_logps)
+def _describe(source: Sequence[Any]) -> str:
+    """The source's files for messages (``a.jsonl, b.jsonl``), else ``the records given``."""
+    files = [str(f) for f in getattr(source, "files", None) or []]
+    if len(files) > 3:
+        return f"{', '.join(files[:2])}, ... ({len(files)} files)"
+    return ", ".join(files) or "the records given"

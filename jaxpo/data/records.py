@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxpo.config import KINDS
 from jaxpo.data import validate as v
 from jaxpo.data.errors import Where
-from jaxpo.data.types import KINDS
 
 FORMATS = ("auto",) + KINDS
 
@@ -112,7 +112,7 @@ def parse_record(
     record_id: int = 0,
     where: Where | None = None,
     max_responses: int | None = None,
-    max_depth: int | None = None,
+    max_steps: int | None = None,
 ) -> Record:
     """Checks a raw record and normalises it.
 
@@ -122,7 +122,7 @@ def parse_record(
       record_id: the record's index in the dataset.
       where: file and line/row, for error messages.
       max_responses: largest K accepted for lists and trees (None: no limit).
-      max_depth: largest number of steps on a tree path (None: no limit).
+      max_steps: largest number of steps on a tree path (None: no limit).
 
     Returns:
       The :class:`Record`.
@@ -132,19 +132,20 @@ def parse_record(
     """
     where = where or Where()
     if not isinstance(record, dict):
-        raise v.bad(where, "<record>", "wrong_type", f"expected an object, got {type(record).__name__}")
+        raise v.bad(where, "<record>", "wrong_type",
+                    f"expected an object, got {type(record).__name__}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     kind = detect_format(record, where) if format == "auto" else format
     parse = {"pair": _pair, "list": _list, "tree": _tree, "unpaired": _unpaired}[kind]
-    return parse(record, record_id, where, max_responses, max_depth)
+    return parse(record, record_id, where, max_responses, max_steps)
 
 
 def _conversational(record: dict[str, Any], fields: tuple[str, ...]) -> bool:
     return any(v.is_messages(record.get(f)) for f in fields)
 
 
-def _pair(record, record_id, where, max_responses, max_depth) -> Record:
+def _pair(record, record_id, where, max_responses, max_steps) -> Record:
     conv = _conversational(record, ("prompt", "chosen", "rejected"))
     chosen = v.check_turn(v.require(record, "chosen", where), "chosen", where, conv)
     rejected = v.check_turn(v.require(record, "rejected", where), "rejected", where, conv)
@@ -182,7 +183,7 @@ def _extract_prompt(chosen, rejected, where):
     return chosen[:i], chosen[i:], rejected[i:]
 
 
-def _list(record, record_id, where, max_responses, max_depth) -> Record:
+def _list(record, record_id, where, max_responses, max_steps) -> Record:
     conv = _conversational(record, ("prompt",)) or (
         isinstance(record.get("responses"), (list, tuple))
         and any(v.is_messages(r) for r in record["responses"]))
@@ -214,7 +215,7 @@ def _scores_or_ranks(record, where, k):
     return None, ranks
 
 
-def _unpaired(record, record_id, where, max_responses, max_depth) -> Record:
+def _unpaired(record, record_id, where, max_responses, max_steps) -> Record:
     conv = _conversational(record, ("prompt", "completion"))
     prompt = v.check_turn(v.require(record, "prompt", where), "prompt", where, conv)
     completion = v.check_turn(v.require(record, "completion", where), "completion", where, conv)
@@ -225,20 +226,20 @@ def _unpaired(record, record_id, where, max_responses, max_depth) -> Record:
                   ref_logps=ref, where=where)
 
 
-def _tree(record, record_id, where, max_responses, max_depth) -> Record:
+def _tree(record, record_id, where, max_responses, max_steps) -> Record:
     prompt_raw = v.require(record, "prompt", where)
     conv = v.is_messages(prompt_raw)
     prompt = v.check_turn(prompt_raw, "prompt", where, conv)
     if record.get("tree") is not None:
-        tree, scores = _nested_tree(record["tree"], where, max_depth)
+        tree, scores = _nested_tree(record["tree"], where, max_steps)
     else:
-        tree, scores = _flat_tree(v.require(record, "responses", where), where, max_depth)
+        tree, scores = _flat_tree(v.require(record, "responses", where), where, max_steps)
     v.check_count(len(tree.leaves), "tree", where, max_responses)
     v.check_preference(scores, "tree", where)
     return Record(record_id, "tree", prompt, conv, [], scores, tree=tree, where=where)
 
 
-def _nested_tree(root: Any, where: Where, max_depth: int | None) -> tuple[Tree, list[float]]:
+def _nested_tree(root: Any, where: Where, max_steps: int | None) -> tuple[Tree, list[float]]:
     """Walks ``{text, reward?, score?, children}`` depth-first (iteratively: no recursion limit).
 
     A root without text (or a list at the top) is the prompt itself: its children are the first
@@ -257,9 +258,10 @@ def _nested_tree(root: Any, where: Where, max_depth: int | None) -> tuple[Tree, 
     while stack:
         node, field, parent, depth = stack.pop()
         if not isinstance(node, dict):
-            raise v.bad(where, field, "wrong_type", f"expected a node dict, got {type(node).__name__}")
-        if max_depth is not None and depth > max_depth:
-            raise v.bad(where, field, "tree_too_deep", f"depth {depth} > max_depth={max_depth}")
+            raise v.bad(where, field, "wrong_type",
+                        f"expected a node dict, got {type(node).__name__}")
+        if max_steps is not None and depth > max_steps:
+            raise v.bad(where, field, "tree_too_deep", f"depth {depth} > max_steps={max_steps}")
         text = v.check_text(v.require(node, "text", where), f"{field}.text", where)
         reward = node.get("reward")
         reward = None if reward is None else v.check_number(reward, f"{field}.reward", where)
@@ -284,7 +286,7 @@ def _nested_tree(root: Any, where: Where, max_depth: int | None) -> tuple[Tree, 
     return tree, scores
 
 
-def _flat_tree(raw: Any, where: Where, max_depth: int | None) -> tuple[Tree, list[float]]:
+def _flat_tree(raw: Any, where: Where, max_steps: int | None) -> tuple[Tree, list[float]]:
     """Builds a tree from ``[{steps: [str, ...], score}]`` by merging identical step prefixes."""
     if not isinstance(raw, (list, tuple)):
         raise v.bad(where, "responses", "wrong_type", "expected a list of {steps, score}")
@@ -297,9 +299,9 @@ def _flat_tree(raw: Any, where: Where, max_depth: int | None) -> tuple[Tree, lis
         steps = v.require(resp, "steps", where)
         if not isinstance(steps, (list, tuple)) or not len(steps):
             raise v.bad(where, f"{field}.steps", "empty", "expected a non-empty list of strings")
-        if max_depth is not None and len(steps) > max_depth:
+        if max_steps is not None and len(steps) > max_steps:
             raise v.bad(where, f"{field}.steps", "tree_too_deep",
-                        f"depth {len(steps)} > max_depth={max_depth}")
+                        f"depth {len(steps)} > max_steps={max_steps}")
         score = resp.get("reward") if resp.get("score") is None else resp["score"]
         if score is None:
             raise v.bad(where, f"{field}.score", "leaf_without_score", "missing")

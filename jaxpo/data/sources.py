@@ -7,6 +7,11 @@ so it can back ``grain.MapDataset.source`` with worker processes.
 
 Spec strings: a path or glob (``data/*.jsonl``, ``train.parquet``, ``shard-*.array_record``) or
 ``tfds:name[/config][:split]`` (needs the ``tfds`` extra).
+
+Memory stays bounded by the records actually read: a JSONL file is indexed in one streaming pass
+(line offsets only) and a JSONL line or ArrayRecord record over ``max_record_bytes`` is never
+decoded; it becomes a ``too_large`` bad record naming its file and line. A file without a single
+record is an error (``FILE: no records (the file is empty)``), not an empty dataset.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpo.config import DataConfig
 from jaxpo.data.errors import BadRecordError, Where
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl.gz", ".json.gz": "jsonl.gz",
@@ -69,51 +75,80 @@ def expand(specs: str | Sequence[str]) -> list[str]:
     return out
 
 
-class _Jsonl:
-    """Line offsets of a JSONL file (decompressed into memory when gzipped); blank lines skipped."""
+_CHUNK = 1 << 24  # bytes read at a time while indexing a JSONL file
 
-    def __init__(self, path: str, gz: bool):
-        self.path, self.gz = path, gz
-        if gz:
-            data = np.frombuffer(self._bytes(), np.uint8)
-        elif os.path.getsize(path):
-            data = np.memmap(path, np.uint8, mode="r")
-        else:
-            data = np.zeros(0, np.uint8)
-        ends = np.flatnonzero(data == 0x0A)  # [L] newline positions
-        if len(data) and data[-1] != 0x0A:
-            ends = np.append(ends, len(data))
-        starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-        length = ends - starts
-        cr_only = (length == 1) & (data[np.minimum(starts, max(len(data) - 1, 0))] == 0x0D)
-        keep = (length > 0) & ~cr_only
-        self.line_numbers = np.flatnonzero(keep).astype(np.int64) + 1
-        self.offsets = starts[keep]
-        del data
+
+def _index_lines(f: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Line starts, lengths and 1-based numbers of the non-blank lines of a binary stream.
+
+    Reads ``_CHUNK`` bytes at a time, so memory does not grow with the file or a line (only
+    with the number of lines). A line is blank when it is empty or a lone carriage return.
+
+    Returns:
+      ``(starts [L], lengths [L], line_numbers [L], total bytes)``; lengths exclude the newline.
+    """
+    buf = bytearray(_CHUNK)
+    ends, cr_before = [], []  # per newline: its offset; whether a carriage return precedes it
+    pos, last = 0, 0  # bytes read so far; the last byte read
+    while n := f.readinto(buf):
+        chunk = np.frombuffer(buf, np.uint8, n)  # [n]
+        nl = np.flatnonzero(chunk == 0x0A)  # [l] newlines in this chunk
+        before = np.where(nl > 0, chunk[np.maximum(nl - 1, 0)], last)  # [l]
+        ends.append(nl + pos)
+        cr_before.append(before == 0x0D)
+        pos, last = pos + n, int(chunk[-1])
+    if pos and last != 0x0A:  # a last line without a newline ends at the end of the file
+        ends.append(np.asarray([pos]))
+        cr_before.append(np.asarray([last == 0x0D]))
+    ends_all = np.concatenate(ends).astype(np.int64) if ends else np.zeros(0, np.int64)  # [L']
+    cr = np.concatenate(cr_before) if cr_before else np.zeros(0, bool)  # [L']
+    starts = np.concatenate([np.zeros(min(len(ends_all), 1), np.int64), ends_all[:-1] + 1])
+    lengths = ends_all - starts  # [L']
+    keep = (lengths > 0) & ~((lengths == 1) & cr)
+    return starts[keep], lengths[keep], np.flatnonzero(keep).astype(np.int64) + 1, pos
+
+
+def _too_large(where: Where, size: int, limit: int) -> BadRecordError:
+    return BadRecordError(where, "<record>", "too_large",
+                          f"record is {size} bytes, over data.max_record_bytes={limit}")
+
+
+class _Jsonl:
+    """Line offsets of a JSONL file (decompressed into memory when gzipped); blank lines skipped.
+
+    The offsets come from one streaming pass (:func:`_index_lines`); a line longer than
+    ``max_record_bytes`` is never read, it becomes a ``too_large`` bad record.
+    """
+
+    def __init__(self, path: str, gz: bool, max_record_bytes: int):
+        self.path, self.gz, self.max_record_bytes = path, gz, max_record_bytes
+        opener = gzip.open if gz else open
+        with opener(path, "rb") as f:
+            self.offsets, self.lengths, self.line_numbers, self.num_bytes = _index_lines(f)
         self._data: bytes | None = None
         self._fh = None
 
-    def _bytes(self) -> bytes:
-        opener = gzip.open if self.gz else open
-        with opener(self.path, "rb") as f:
-            return f.read()
+    def empty_reason(self) -> str:
+        return "the file is empty" if self.num_bytes == 0 else "only blank lines"
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def read(self, i: int) -> tuple[Any, Where]:
         where = Where(self.path, int(self.line_numbers[i]), "line")
+        start, length = int(self.offsets[i]), int(self.lengths[i])
+        if length > self.max_record_bytes:
+            return _too_large(where, length, self.max_record_bytes), where
         if self.gz:
             if self._data is None:
-                self._data = self._bytes()
-            data, start = self._data, int(self.offsets[i])
-            end = data.find(b"\n", start)
-            line = data[start:end if end >= 0 else len(data)]
+                with gzip.open(self.path, "rb") as f:
+                    self._data = f.read()
+            line = self._data[start:start + length]
         else:
             if self._fh is None:
                 self._fh = open(self.path, "rb")  # noqa: SIM115  kept open for random reads
-            self._fh.seek(int(self.offsets[i]))
-            line = self._fh.readline()
+            self._fh.seek(start)
+            line = self._fh.read(length)
         try:
             return json.loads(line), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -153,8 +188,8 @@ class _Parquet:
 class _ArrayRecord:
     """Records of an ArrayRecord file; each record is one JSON object as UTF-8 bytes."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, max_record_bytes: int):
+        self.path, self.max_record_bytes = path, max_record_bytes
         self._reader = None
         self._n = int(self._open().num_records())
 
@@ -171,6 +206,8 @@ class _ArrayRecord:
     def read(self, i: int) -> tuple[Any, Where]:
         where = Where(self.path, i, "row")
         raw = self._open().read([i])[0]
+        if len(raw) > self.max_record_bytes:
+            return _too_large(where, len(raw), self.max_record_bytes), where
         try:
             return json.loads(raw), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -227,18 +264,40 @@ def _decode(x: Any) -> Any:
     return x
 
 
-def open_file(spec: str):
-    """The reader for one file or TFDS spec."""
+def open_file(spec: str, max_record_bytes: int = DataConfig.max_record_bytes):
+    """The reader for one file or TFDS spec.
+
+    Raises:
+      ValueError: ``FILE: no records (the file is empty)``, or ``(only blank lines)``, or
+        ``(0 rows)``.
+    """
     if spec.startswith("tfds:"):
-        return _Tfds(spec)
-    kind = file_kind(spec)
-    if kind in ("jsonl", "jsonl.gz"):
-        return _Jsonl(spec, gz=kind == "jsonl.gz")
-    return _Parquet(spec) if kind == "parquet" else _ArrayRecord(spec)
+        reader = _Tfds(spec)
+    else:
+        kind = file_kind(spec)
+        if kind in ("jsonl", "jsonl.gz"):
+            reader = _Jsonl(spec, kind == "jsonl.gz", max_record_bytes)
+        elif kind == "parquet":
+            reader = _Parquet(spec)
+        else:
+            reader = _ArrayRecord(spec, max_record_bytes)
+    if len(reader) == 0:
+        why = reader.empty_reason() if isinstance(reader, _Jsonl) else "0 rows"
+        raise ValueError(f"{spec}: no records ({why})")
+    return reader
 
 
 class RecordSource:
     """Random access over the records of several files.
+
+    Args:
+      files: paths, glob patterns or ``tfds:name:split`` specs (in order).
+      max_record_bytes: a JSONL line or ArrayRecord record larger than this is not decoded:
+        ``source[i].error`` is a ``too_large`` :class:`BadRecordError` (``data.max_record_bytes``).
+
+    Raises:
+      FileNotFoundError: a pattern matches no file.
+      ValueError: a file holds no records (``FILE: no records (the file is empty)``).
 
     >>> import json, os, tempfile
     >>> path = os.path.join(tempfile.mkdtemp(), "d.jsonl")
@@ -250,10 +309,10 @@ class RecordSource:
     (2, 'q', 3)
     """
 
-    def __init__(self, files: str | Sequence[str]):
-        """Args: files: paths, glob patterns or ``tfds:name:split`` specs (in order)."""
+    def __init__(self, files: str | Sequence[str], *,
+                 max_record_bytes: int = DataConfig.max_record_bytes):
         self.files = expand(files)
-        self._readers = [open_file(f) for f in self.files]
+        self._readers = [open_file(f, max_record_bytes) for f in self.files]
         self._starts = np.cumsum([0] + [len(r) for r in self._readers]).tolist()
 
     def __len__(self) -> int:

@@ -6,8 +6,6 @@ import dataclasses
 
 import numpy as np
 
-KINDS = ("pair", "list", "tree", "unpaired")
-
 
 @dataclasses.dataclass
 class TokenizedGroup:
@@ -15,7 +13,7 @@ class TokenizedGroup:
 
     Attributes:
       id: record index in the dataset.
-      kind: one of ``pair``, ``list``, ``tree``, ``unpaired``.
+      kind: one of :data:`jaxpo.config.KINDS` (``pair``, ``list``, ``tree``, ``unpaired``).
       node_tokens: token ids per node; node 0 is the prompt (root, never scored).
       node_parent: parent node index per node, -1 for the root; parents precede children.
       responses: per response, the node path from the root's child down to its leaf.

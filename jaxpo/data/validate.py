@@ -55,7 +55,8 @@ def check_messages(value: Any, field: str, where: Where) -> list[Message]:
     Extra keys of a message are kept (templates may read them); null values are dropped.
     """
     if not isinstance(value, (list, tuple)) or not value:
-        raise bad(where, field, "wrong_type" if value else "empty", "expected a non-empty message list")
+        raise bad(where, field, "wrong_type" if value else "empty",
+                  "expected a non-empty message list")
     messages = []
     for i, m in enumerate(value):
         f = f"{field}[{i}]"
@@ -120,7 +121,8 @@ def check_ranks(value: Any, field: str, where: Where, length: int) -> list[int]:
     ranks = check_numbers(value, field, where, length)
     for i, r in enumerate(ranks):
         if r != int(r) or not 1 <= r <= length:
-            raise bad(where, field, "bad_rank", f"rank {value[i]!r} at index {i} not in 1..{length}")
+            raise bad(where, field, "bad_rank",
+                      f"rank {value[i]!r} at index {i} not in 1..{length}")
     return [int(r) for r in ranks]
 
 
@@ -139,7 +141,8 @@ def check_distinct(responses: list[Any], field: str, where: Where) -> None:
     for i, r in enumerate(responses):
         key = repr(r)
         if key in seen:
-            raise bad(where, field, "duplicate_responses", f"responses {seen[key]} and {i} are equal")
+            raise bad(where, field, "duplicate_responses",
+                      f"responses {seen[key]} and {i} are equal")
         seen[key] = i
 
 

@@ -9,6 +9,9 @@ The trainer reaches them through :func:`get`, which returns an :class:`Objective
 # ruff: noqa: I001
 from jaxpo.losses import _catalogue  # noqa: F401  (registers every objective)
 from jaxpo.losses._auxiliary import sft
+from jaxpo.losses._build import MODIFIERS
+from jaxpo.losses._build import build
+from jaxpo.losses._build import metrics_beta
 from jaxpo.losses._listwise import infonca
 from jaxpo.losses._listwise import lipo_lambda
 from jaxpo.losses._listwise import list_mle
@@ -34,6 +37,7 @@ from jaxpo.losses._reference_free import cpo
 from jaxpo.losses._reference_free import orpo
 from jaxpo.losses._reference_free import simpo
 from jaxpo.losses._reference_free import triple_po
+from jaxpo.losses._registry import NEEDS
 from jaxpo.losses._registry import LossInputs
 from jaxpo.losses._registry import Objective
 from jaxpo.losses._registry import combine
@@ -47,11 +51,14 @@ from jaxpo.losses._tree import tpo
 from jaxpo.losses._unpaired import kto
 
 __all__ = [
+    "MODIFIERS",
+    "NEEDS",
     "LossInputs",
     "Objective",
     "apo_down",
     "apo_zero",
     "bco",
+    "build",
     "combine",
     "cpo",
     "dpo",
@@ -64,6 +71,7 @@ __all__ = [
     "kto",
     "ld_logps",
     "lipo_lambda",
+    "metrics_beta",
     "list_mle",
     "listnet",
     "modpo",

@@ -21,8 +21,6 @@ from jaxpo.losses import (
     _unpaired,
 )
 from jaxpo.losses._registry import (
-    _ALL_KINDS,
-    KINDS,
     LossInputs,
     _pair_valid,
     _register,
@@ -53,6 +51,8 @@ def _pairwise_fn(loss, objective: str, inputs: LossInputs, *, mean: bool = False
     args = [policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1]]
     if "margins" in extra:
         args += [inputs.margins[:, 0], inputs.margins[:, 1]]
+    if objective == "bco" and inputs.reward_mean is not None:
+        hparams["delta"] = inputs.reward_mean  # the trainer's running mean of the rewards
     return jnp.where(valid, loss(*args, **hparams), 0.0)  # [NG]
 
 
@@ -107,8 +107,10 @@ def _tpo_fn(inputs: LossInputs, **hparams) -> jax.Array:
         inputs.require("tpo", "reference_step_logps")
         policy, reference, steps = (inputs.policy_step_logps, inputs.reference_step_logps,
                                     inputs.step_mask)
+    # One step per response (pairs, lists): no step similarity, so TPO is LiPO-λ on β·r.
+    similarity = inputs.step_similarity if policy.shape[-1] > 1 else None
     out = _tree.tpo(policy, reference, inputs.scores, step_where=steps,
-                    where=_real(inputs), step_similarity=inputs.step_similarity, **hparams)
+                    where=_real(inputs), step_similarity=similarity, **hparams)
     return jnp.where(inputs.group_mask, out, 0.0)
 
 
@@ -136,6 +138,7 @@ def _sft_fn(inputs: LossInputs) -> jax.Array:
 # ----------------------------------------------------------------------------- the catalogue
 
 _p = functools.partial
+_LIST_KINDS = ("pair", "list", "tree")
 _PAIRWISE = [  # name, hyperparameters, formula, paper, extra (logps/fields)
     ("dpo", {"beta": 0.1, "label_smoothing": 0.0},
      "−(1−ε) log σ(βh) − ε log σ(−βh)", "Rafailov et al. 2023; cDPO (Mitchell 2023)", {}),
@@ -164,14 +167,16 @@ _PAIRWISE = [  # name, hyperparameters, formula, paper, extra (logps/fields)
 for _name, _h, _formula, _paper, _extra in _PAIRWISE:
     _register(_name, _p(_pairwise_fn, getattr(_pairwise, _name), _name, **_extra),
               needs_reference=True, kinds=("pair",), hyperparameters=_h, formula=_formula,
-              paper=_paper, logps="mean" if _extra.get("mean") else "sum")
+              paper=_paper, logps="mean" if _extra.get("mean") else "sum",
+              needs=_extra.get("extra", ()) + (("reward_mean",) if _name == "bco" else ()))
 
+_TOKEN_NEEDS = ("policy_token_logps", "reference_token_logps", "token_kl", "token_mask")
 _register("tdpo", _p(_token_fn, _token.tdpo, "tdpo", weights=False), needs_reference=True,
-          kinds=("pair",), level="token", hyperparameters={"beta": 0.1, "alpha": 0.5, "variant": 2},
+          kinds=("pair",), level="token", needs=_TOKEN_NEEDS, hyperparameters={"beta": 0.1, "alpha": 0.5, "variant": 2},
           formula="TDPO2: −log σ(βh − αβ(SeqKL_l − sg(SeqKL_w))); TDPO1: α = 1, no sg",
           paper="Zeng et al. 2024 (TDPO)")
 _register("sparse_po", _p(_token_fn, _token.sparse_po, "sparse_po", weights=True),
-          needs_reference=True, kinds=("pair",), level="token",
+          needs_reference=True, kinds=("pair",), level="token", needs=_TOKEN_NEEDS,
           hyperparameters={"beta": 0.1, "mask_l1": 0.001},
           formula="−log σ(β(u − d)) + λ‖m‖₁, u, d token-weighted rewards and KLs",
           paper="Christopoulou et al. 2024 (SparsePO)")
@@ -192,7 +197,7 @@ for _name, _h, _formula, _paper, _mean, _nll in [
               needs_reference=False, kinds=("pair",), hyperparameters=_h, formula=_formula,
               paper=_paper, logps="mean" if _mean else "sum")
 
-_register("kto", _kto_fn, needs_reference=True, kinds=("unpaired", "pair"),
+_register("kto", _kto_fn, needs_reference=True, kinds=("unpaired", "pair"), needs=("kto_kl",),
           hyperparameters={"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
           formula="desirable: λ_D(1 − σ(β(r − z0))); undesirable: λ_U(1 − σ(β(z0 − r)))",
           paper="Ethayarajh et al. 2024 (KTO)")
@@ -211,14 +216,17 @@ for _name, _h, _formula, _paper in [
      "Chen et al. 2024 (NCA)"),
 ]:
     _register(_name, _p(_listwise_fn, getattr(_listwise, _name)), needs_reference=True,
-              kinds=_ALL_KINDS, hyperparameters=_h, formula=_formula, paper=_paper)
+              kinds=_LIST_KINDS, hyperparameters=_h, formula=_formula, paper=_paper,
+              labels="raw" if _name == "infonca" else "minmax")
 
-_register("pro", _pro_fn, needs_reference=False, kinds=_ALL_KINDS, logps="mean",
+_register("pro", _pro_fn, needs_reference=False, kinds=_LIST_KINDS, logps="mean", labels="raw",
           hyperparameters={"sft_weight": 0.05},
           formula="Σ_k [logsumexp_{i≥k}(s_i T_k^i) − s_k T_k^k] + sft_weight·NLL(best)",
           paper="Song et al. 2023 (PRO)")
-_register("tpo", _tpo_fn, needs_reference=True, kinds=_ALL_KINDS, hyperparameters={"beta": 0.1},
+_register("tpo", _tpo_fn, needs_reference=True, kinds=_LIST_KINDS, hyperparameters={"beta": 0.1},
+          needs=("policy_step_logps", "reference_step_logps", "step_similarity"),
           formula="Σ_{ψ_i>ψ_j} λ_ij log(1 + e^{−d_ij}), d_ij = Σ_m (1 − S_ij,m)(ρ_i,m − ρ_j,m)",
           paper="Liao et al. 2025 (TPO), arXiv 2410.12854")
-_register("sft", _sft_fn, needs_reference=False, kinds=KINDS, hyperparameters={},
+_register("sft", _sft_fn, needs_reference=False, kinds=("pair", "list", "tree", "unpaired"),
+          hyperparameters={}, labels="",
           formula="−ℓ(y_best)/|y_best|", paper="DPO + SFT = RPO (Pang et al. 2024)")

@@ -24,8 +24,13 @@ import jax.numpy as jnp
 
 from jaxpo.losses import _modifiers
 
-KINDS = ("pair", "list", "tree", "unpaired")
-_ALL_KINDS = ("pair", "list", "tree")
+# Optional LossInputs fields an objective can ask the trainer for (``Objective.needs``); the
+# trainer computes only what the objective needs.
+NEEDS = ("reference_logps", "policy_step_logps", "reference_step_logps", "step_similarity",
+         "policy_token_logps", "reference_token_logps", "token_kl", "token_mask",
+         "token_log_sum_sq_probs", "kto_kl", "reward_mean", "margins")
+# The label mappings (scores → ψ) an objective can ask the data for (``Objective.labels``).
+LABELS = ("minmax", "raw")
 
 
 @functools.partial(jax.tree_util.register_dataclass)
@@ -55,6 +60,7 @@ class LossInputs:
         token_log_sum_sq_probs: ``log Σ_v π_θ(v|…)²`` per token ``[NG, K, T]`` (WPO).
         token_weights: SparsePO token weights ``[NG, K, T]`` (``token_mask`` when None).
         kto_kl: KTO's batch KL estimate z0, ``[]`` or ``[NG]``.
+        reward_mean: BCO's running mean δ of the implicit rewards ``[]`` (kept by the trainer).
         margins: MODPO margin-model rewards ``[NG, K]``.
     """
 
@@ -77,6 +83,7 @@ class LossInputs:
     token_log_sum_sq_probs: jax.Array | None = None
     token_weights: jax.Array | None = None
     kto_kl: jax.Array | None = None
+    reward_mean: jax.Array | None = None
     margins: jax.Array | None = None
 
     def require(self, objective: str, *fields: str) -> None:
@@ -132,6 +139,13 @@ class Objective:
         formula: the per-example loss, in words and symbols.
         paper: the reference.
         components: for a combination, ``((objective, weight), ...)``.
+        needs: the optional :class:`LossInputs` fields it reads (a subset of :data:`NEEDS`):
+            the trainer computes these and nothing else (step arrays and the hidden-state step
+            similarity for TPO, token arrays for token-level losses, KTO's reference point,
+            BCO's running reward mean).
+        labels: the label mapping (scores → ψ) of lists and trees its paper uses: ``minmax``
+            or ``raw`` (raw rewards, e.g. PRO and InfoNCA); ``""`` when it reads no labels
+            beyond best/worst.
     """
 
     name: str
@@ -144,6 +158,16 @@ class Objective:
     formula: str = dataclasses.field(default="", repr=False)
     paper: str = dataclasses.field(default="", repr=False)
     components: tuple = dataclasses.field(default=(), repr=False)
+    needs: frozenset = dataclasses.field(default=frozenset(), repr=False)
+    labels: str = dataclasses.field(default="minmax", repr=False)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.needs) - set(NEEDS))
+        if unknown:
+            raise ValueError(f"objective {self.name!r}: unknown needs {unknown}; known: {NEEDS}")
+        if self.labels not in ("", *LABELS):
+            raise ValueError(f"objective {self.name!r}: labels={self.labels!r}; choose from "
+                             f"{LABELS}")
 
     def __call__(self, inputs: LossInputs, **overrides: Any) -> jax.Array:
         """Per-group losses ``[NG]`` with the default hyperparameters updated by ``overrides``."""
@@ -160,10 +184,12 @@ _REGISTRY: dict[str, Objective] = {}
 
 
 def _register(name, fn, *, needs_reference, kinds, hyperparameters, formula, paper,
-              level="sequence", logps="sum") -> None:
+              level="sequence", logps="sum", needs=(), labels="minmax") -> None:
+    needs = set(needs) | ({"reference_logps"} if needs_reference else set())
     _REGISTRY[name] = Objective(
         name=name, needs_reference=needs_reference, kinds=tuple(kinds), level=level,
         logps=logps, hyperparameters=dict(hyperparameters), fn=fn, formula=formula, paper=paper,
+        needs=frozenset(needs), labels=labels,
     )
 
 
@@ -234,10 +260,13 @@ def combine(
                 f"known: {sorted(obj.hyperparameters)}"
             )
         defaults[obj.name] = {**obj.hyperparameters, **given}
-    kinds = tuple(k for k in KINDS if all(k in obj.kinds for obj, _ in parts))
+    kinds = tuple(k for k in parts[0][0].kinds if all(k in obj.kinds for obj, _ in parts))
     if not kinds:
         raise ValueError(f"combine: {list(weights)} share no group kind")
     logps = {obj.logps for obj, _ in parts}
+    labels = {obj.labels for obj, _ in parts} - {""}
+    if len(labels) > 1:
+        raise ValueError(f"combine: {list(weights)} want different label mappings {labels}")
 
     def fn(inputs: LossInputs, **per_component: Mapping[str, Any]) -> jax.Array:
         total = 0.0
@@ -257,6 +286,8 @@ def combine(
         formula=" + ".join(f"{w:g}·[{obj.formula}]" for obj, w in parts),
         paper="; ".join(obj.paper for obj, _ in parts),
         components=parts,
+        needs=frozenset().union(*(obj.needs for obj, _ in parts)),
+        labels=labels.pop() if labels else "",
     )
 
 
@@ -293,7 +324,10 @@ def with_wpo(objective: str | Objective) -> Objective:
 
     return dataclasses.replace(base, name=f"wpo({base.name})", level="token", fn=fn,
                                formula=f"w(y_w)·w(y_l)·[{base.formula}]",
-                               paper=f"{base.paper}; Zhou et al. 2024 (WPO)", components=())
+                               paper=f"{base.paper}; Zhou et al. 2024 (WPO)", components=(),
+                               kinds=("pair",), needs=base.needs | {
+                                   "policy_token_logps", "token_log_sum_sq_probs",
+                                   "token_mask"})
 
 
 def with_ld(objective: str | Objective, *, alpha: float = 0.5) -> Objective:
@@ -330,5 +364,8 @@ def with_ld(objective: str | Objective, *, alpha: float = 0.5) -> Objective:
             inputs.policy_token_logps), reference_logps=reference)
         return base.fn(ld_inputs, **hparams)
 
+    token_needs = {"policy_token_logps", "token_mask"} | (
+        {"reference_token_logps"} if base.needs_reference else set())
     return dataclasses.replace(base, name=f"ld({base.name})", level="token", fn=fn,
-                               paper=f"{base.paper}; Liu et al. 2024 (LD-DPO)", components=())
+                               paper=f"{base.paper}; Liu et al. 2024 (LD-DPO)", components=(),
+                               kinds=("pair",), needs=base.needs | token_needs)

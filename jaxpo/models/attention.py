@@ -2,19 +2,38 @@
 
 Axis layout: ``B`` batch rows, ``T`` query positions, ``S`` key positions, ``H`` query heads,
 ``K`` key/value heads (``H = K * G``), ``hd`` head width, ``D`` model width.
+
+A packed batch reaches attention as a :class:`TreeLayout` and is attended as
+``ModelConfig.attention`` says: ``blockwise`` (default; :mod:`jaxpo.models.blockwise_attention`,
+never forms ``[S, S]``), ``pallas`` (:mod:`jaxpo.models.pallas_attention`), or ``dense`` /
+``dot_product`` (the reference: the ``[B, S, S]`` :func:`tree_mask` and fp32 ``[B, H, S, S]``
+scores). Decoding with a KV cache always takes an explicit mask and the dense path.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from flax import nnx
 
+from jaxpo.models.blockwise_attention import blockwise_attention, pair_mask
 from jaxpo.models.config import ModelConfig
+from jaxpo.models.pallas_attention import pallas_attention
 from jaxpo.models.rope import apply_rope, inv_frequencies
 
 Cache = tuple[jax.Array, jax.Array]  # keys, values: [B, L, K, hd] each
+
+
+class TreeLayout(NamedTuple):
+    """The packed-batch arrays that define the tree mask, int ``[B, S]`` each."""
+
+    segment: jax.Array  # group slot, 1-based, 0 = padding
+    node_pre: jax.Array  # preorder number of the token's node
+    node_last: jax.Array  # largest preorder number in that node's subtree
 
 
 def tree_mask(segment: jax.Array, node_pre: jax.Array, node_last: jax.Array) -> jax.Array:
@@ -31,11 +50,10 @@ def tree_mask(segment: jax.Array, node_pre: jax.Array, node_last: jax.Array) -> 
     """
     q = (slice(None), slice(None), None)  # query axis
     k = (slice(None), None, slice(None))  # key axis
-    size = segment.shape[-1]
-    causal = jnp.tril(jnp.ones((size, size), bool))[None]
-    same = (segment[q] == segment[k]) & (segment[q] != 0)
-    ancestor = (node_pre[k] <= node_pre[q]) & (node_pre[q] <= node_last[k])
-    return (same & ancestor & causal) | jnp.eye(size, dtype=bool)[None]
+    pos = jnp.arange(segment.shape[-1])
+    mask = pair_mask(segment[q], node_pre[q], pos[:, None], segment[k], node_pre[k],
+                     node_last[k], pos[None, :])
+    return mask | jnp.eye(pos.size, dtype=bool)[None]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
@@ -52,17 +70,37 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     Returns:
       ``[B, T, H, hd]`` in ``q.dtype``.
     """
-    batch, length, heads, head_dim = q.shape
-    scale = 1.0 / np.sqrt(head_dim)
+    scale = 1.0 / np.sqrt(q.shape[-1])
     if impl == "dot_product":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
-    groups = heads // k.shape[2]
-    qg = q.reshape(batch, length, k.shape[2], groups, head_dim)  # [B, T, K, G, hd]
+    qg = rearrange(q, "b t (k g) d -> b t k g d", k=k.shape[2])  # [B, T, K, G, hd]
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim)
+    return rearrange(out, "b t k g d -> b t (k g) d")
+
+
+def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TreeLayout,
+                   cfg: ModelConfig) -> jax.Array:
+    """Self-attention of a packed batch under its tree mask, by ``cfg.attention``.
+
+    Args:
+      q: queries ``[B, S, H, hd]``.
+      k: keys ``[B, S, K, hd]``.
+      v: values ``[B, S, K, hd]``.
+      layout: the row's :class:`TreeLayout`.
+      cfg: ``attention`` picks the path; ``attention_block`` / ``pallas_block`` size the blocks.
+
+    Returns:
+      ``[B, S, H, hd]``. The paths agree on every real token; a padding query (segment 0) gets
+      0 from ``blockwise``/``pallas`` and its own value from ``dense`` (it sees itself there).
+    """
+    if cfg.attention == "blockwise":
+        return blockwise_attention(q, k, v, *layout, block=cfg.attention_block)
+    if cfg.attention == "pallas":
+        return pallas_attention(q, k, v, *layout, block=cfg.pallas_block)
+    return attend(q, k, v, tree_mask(*layout), impl=cfg.attention)
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str, ...],
@@ -111,7 +149,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg, axis_name="head_dim")
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | TreeLayout,
                  cache: Cache | None = None, cache_index: jax.Array | None = None,
                  ) -> tuple[jax.Array, Cache | None]:
         """Attends ``x`` ``[B, T, D]``; with a cache, writes keys at ``cache_index`` first.
@@ -119,7 +157,9 @@ class Attention(nnx.Module):
         Args:
           x: inputs ``[B, T, D]`` in the compute dtype.
           positions: RoPE positions ``[B, T]``.
-          mask: bool ``[B, T, S]``; ``S = T`` without a cache, the cache length with one.
+          mask: a packed batch's :class:`TreeLayout` (attended by ``cfg.attention``, no cache),
+            or bool ``[B, T, S]`` (dense path); ``S = T`` without a cache, the cache length
+            with one.
           cache: optional ``(keys, values)`` ``[B, L, K, hd]``.
           cache_index: scalar slot where this call's ``T`` keys are written.
 
@@ -144,7 +184,13 @@ class Attention(nnx.Module):
             cache = (jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start),
                      jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start))
             k, v = cache
-        out = attend(q, k, v, mask, impl=cfg.attention)  # [B, T, H, hd]
+        if isinstance(mask, TreeLayout):
+            if cache is not None:
+                raise ValueError("a KV cache needs an explicit [B, T, L] mask, not a TreeLayout")
+            out = tree_attention(q, k, v, mask, cfg)  # [B, T, H, hd]
+        else:
+            out = attend(q, k, v, mask, impl="dot_product" if cfg.attention == "dot_product"
+                         else "dense")
         y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dtype))
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dtype)

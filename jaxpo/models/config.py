@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -24,8 +26,9 @@ _ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 _DTYPES = ("float32", "bfloat16")
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16"}
 _REMAT = ("none", "block", "full")
-_ATTENTION = ("dense", "dot_product")
+_ATTENTION = ("blockwise", "dense", "pallas", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +69,15 @@ class ModelConfig:
     bos_token_id: int | None = None  # recorded for tokenizers / generation
     eos_token_id: int | tuple[int, ...] | None = None  # generation stops on any of these
     pad_token_id: int | None = None  # recorded in config.json
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (any spelling, see canonical_dtype)
     param_dtype: str = "float32"  # storage dtype of parameters: float32 | bfloat16
     remat: str = "none"  # per-block rematerialisation: none | block (save matmuls) | full
-    attention: str = "dense"  # dense (reference, fp32 softmax) | dot_product (jax.nn)
+    # Packed-batch attention: blockwise (flash-style, pure JAX, O(S * block) memory) | dense
+    # (reference: [B, S, S] mask, fp32 scores) | pallas (fused kernel; GPU/TPU, CPU interpret)
+    # | dot_product (jax.nn on the dense mask).
+    attention: str = "blockwise"
+    attention_block: int = 512  # blockwise query/key block length (clipped to S)
+    pallas_block: int = 128  # pallas query/key block length (clipped to S)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -82,10 +90,14 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
         _check_choice("model_type", self.model_type, tuple(_ARCHITECTURES))
-        _check_choice("dtype", self.dtype, _DTYPES)
-        _check_choice("param_dtype", self.param_dtype, _DTYPES)
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "ModelConfig.dtype"))
+        object.__setattr__(self, "param_dtype",
+                           canonical_dtype(self.param_dtype, "ModelConfig.param_dtype"))
         _check_choice("remat", self.remat, _REMAT)
         _check_choice("attention", self.attention, _ATTENTION)
+        for name in ("attention_block", "pallas_block"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
@@ -235,6 +247,30 @@ class ModelConfig:
         if self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
         return out
+
+
+def canonical_dtype(dtype: Any, field: str = "dtype") -> str:
+    """``"float32"`` or ``"bfloat16"`` for any spelling of them.
+
+    Accepts ``jnp.float32``, ``np.dtype("float32")``, ``ml_dtypes.bfloat16``, ``"float32"``,
+    ``"bfloat16"``, ``"fp32"``, ``"f32"``, ``"bf16"``; anything else is a ``ValueError`` naming
+    ``field``.
+
+    >>> canonical_dtype(jnp.bfloat16), canonical_dtype("fp32")
+    ('bfloat16', 'float32')
+    """
+    name = None
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    elif dtype is not None:
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            pass
+    if name not in _DTYPES:
+        raise ValueError(f"{field}={dtype!r} is not supported; use float32 or bfloat16 "
+                         "(jnp.float32, 'fp32', 'f32', jnp.bfloat16, 'bf16')")
+    return name
 
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:

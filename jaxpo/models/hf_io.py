@@ -4,10 +4,16 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
 ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``. HF linear weights
 are ``[out, in]``; jaxpo keeps ``[in, ...]`` with heads split out (see :class:`Transformer`),
 so each tensor is transposed and reshaped on the way in and back on the way out, exactly.
+
+Files are read memory-mapped through the ``safetensors`` package (:mod:`safetensors_io`).
+Loading fails early with one line naming the path, file or tensor: a missing directory or
+weights file (``FileNotFoundError``); a truncated or corrupt file, a missing, unexpected,
+wrongly shaped or non-finite (NaN/inf) tensor (``ValueError``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,12 +21,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxpo.models import safetensors_io
-from jaxpo.models.config import ModelConfig
+from jaxpo.models.config import ModelConfig, canonical_dtype
+from jaxpo.models.safetensors_io import SafetensorsFile, save_file
 from jaxpo.models.transformer import Transformer
 
 _INDEX = "model.safetensors.index.json"
@@ -76,37 +81,57 @@ def _tensor_files(path: str) -> dict[str, str]:
             weight_map = json.load(f).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: missing field 'weight_map'")
+        for file in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(path, file)):
+                raise FileNotFoundError(f"{index}: lists {file}, which does not exist in {path}")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, _SINGLE)
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: no {_SINGLE} or {_INDEX} (only safetensors "
-                                "checkpoints are read; pickled .bin files are not)")
-    return {name: single for name in safetensors_io.read_header(single)}
+        found = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        raise FileNotFoundError(
+            f"{path}: no {_SINGLE} or {_INDEX}"
+            + (f" (found {found[:3]} without an index)" if found else " and no *.safetensors")
+            + "; only safetensors checkpoints are read, not pickled .bin files")
+    with SafetensorsFile(single) as f:
+        return {name: single for name in f.names()}
+
+
+def _check_dir(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"model path {path} is a file; a checkpoint is a directory with "
+                         "config.json and *.safetensors")
 
 
 def read_config(path: str, **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of the checkpoint directory ``path``."""
+    _check_dir(path)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: config.json not found")
     with open(config_path) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     return ModelConfig.from_hf(hf, source=config_path, **overrides)
 
 
-def load_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
+def load_hf(path: str, *, dtype: Any = "float32", param_dtype: Any = "float32",
             **overrides: Any) -> Transformer:
     """Loads a local Hugging Face checkpoint directory into a :class:`Transformer`.
 
     Args:
       path: directory with ``config.json`` and safetensors weights (single or sharded).
-      dtype: compute dtype, ``float32`` or ``bfloat16``.
-      param_dtype: parameter storage dtype, ``float32`` or ``bfloat16``.
+      dtype: compute dtype, float32 or bfloat16, in any spelling (``jnp.bfloat16``, ``"bf16"``).
+      param_dtype: parameter storage dtype, float32 or bfloat16, in any spelling.
       **overrides: other :class:`ModelConfig` fields (``remat``, ``attention``, ...).
 
     Returns:
-      The model. Missing, unexpected or wrongly shaped tensors raise ``ValueError`` naming the
-      tensor and its file.
+      The model. A missing path or weights file raises ``FileNotFoundError``; a truncated or
+      corrupt file, and missing, unexpected, wrongly shaped or non-finite tensors raise
+      ``ValueError`` naming the tensor and its file.
     """
     cfg = read_config(path, dtype=dtype, param_dtype=param_dtype, **overrides)
     files = _tensor_files(path)
@@ -121,17 +146,35 @@ def load_hf(path: str, *, dtype: str = "float32", param_dtype: str = "float32",
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))
-    for hf_name, jx_path, to_jaxpo, to_hf in table:
-        if hf_name not in files:
-            raise ValueError(f"{path}: missing tensor '{hf_name}' for a {cfg.model_type} model")
-        (array,) = safetensors_io.load_file(files[hf_name], [hf_name]).values()
-        target = variables[jx_path]
-        want = to_hf_shape(target.get_value().shape, to_hf)
-        if tuple(array.shape) != want:
-            raise ValueError(f"tensor '{hf_name}' in {files[hf_name]} has shape "
-                             f"{list(array.shape)}; config.json implies {list(want)}")
-        target.set_value(jnp.asarray(to_jaxpo(array).astype(jnp.dtype(param_dtype))))
+    with contextlib.ExitStack() as stack:
+        opened: dict[str, SafetensorsFile] = {}
+        for hf_name, jx_path, to_jaxpo, to_hf in table:
+            if hf_name not in files:
+                raise ValueError(f"{path}: missing tensor '{hf_name}' for a {cfg.model_type} "
+                                 "model")
+            file = files[hf_name]
+            if file not in opened:
+                opened[file] = stack.enter_context(SafetensorsFile(file))
+            array = opened[file].read(hf_name)
+            target = variables[jx_path]
+            want = to_hf_shape(target.get_value().shape, to_hf)
+            if tuple(array.shape) != want:
+                raise ValueError(f"tensor '{hf_name}' in {file} has shape "
+                                 f"{list(array.shape)}; config.json implies {list(want)}")
+            _check_finite(array, hf_name, file)
+            target.set_value(jnp.asarray(to_jaxpo(array).astype(jnp.dtype(cfg.param_dtype))))
     return nnx.merge(graphdef, state)
+
+
+def _check_finite(array: np.ndarray, name: str, file: str) -> None:
+    """Raises when a float tensor holds NaN or inf; max and min find both without a copy."""
+    if array.size == 0 or not jnp.issubdtype(array.dtype, jnp.floating):
+        return
+    if np.isfinite(array.max()) and np.isfinite(array.min()):
+        return
+    values = array.astype(np.float32)
+    raise ValueError(f"tensor '{name}' in {file} is not finite: {int(np.isnan(values).sum())} "
+                     f"NaN and {int(np.isinf(values).sum())} inf values")
 
 
 def to_hf_shape(shape: tuple[int, ...], to_hf: Convert) -> tuple[int, ...]:
@@ -139,14 +182,15 @@ def to_hf_shape(shape: tuple[int, ...], to_hf: Convert) -> tuple[int, ...]:
     return to_hf(np.zeros(shape, np.int8)).shape
 
 
-def export_hf(model: Transformer, path: str, *, dtype: str | None = None,
+def export_hf(model: Transformer, path: str, *, dtype: Any = None,
               max_shard_size: int | str = "5GB") -> list[str]:
     """Writes ``model`` as a Hugging Face checkpoint directory (config.json + safetensors).
 
     Args:
       model: the model.
       path: output directory (created).
-      dtype: tensor dtype in the files (``float32``/``bfloat16``); default the param dtype.
+      dtype: tensor dtype in the files, float32 or bfloat16 in any spelling; default the
+        param dtype.
       max_shard_size: bytes per file (int or ``"500MB"``, ``"5GB"``); larger models are
         sharded with ``model.safetensors.index.json``.
 
@@ -154,8 +198,8 @@ def export_hf(model: Transformer, path: str, *, dtype: str | None = None,
       The safetensors file names written.
     """
     cfg = model.config
-    dtype = dtype or cfg.param_dtype
-    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    dtype = canonical_dtype(cfg.param_dtype if dtype is None else dtype)
+    np_dtype = jnp.dtype(dtype)  # bfloat16 is ml_dtypes.bfloat16
     limit = _parse_size(max_shard_size)
     variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
@@ -175,12 +219,12 @@ def export_hf(model: Transformer, path: str, *, dtype: str | None = None,
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
     if len(shards) == 1:
-        safetensors_io.save_file(shards[0], os.path.join(path, _SINGLE))
+        save_file(shards[0], os.path.join(path, _SINGLE))
         return [_SINGLE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for name, shard in zip(names, shards):
-        safetensors_io.save_file(shard, os.path.join(path, name))
+        save_file(shard, os.path.join(path, name))
         weight_map.update({tensor: name for tensor in shard})
     with open(os.path.join(path, _INDEX), "w") as f:
         json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f,

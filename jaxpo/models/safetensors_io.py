@@ -1,76 +1,101 @@
-"""Minimal safetensors reader and writer on numpy (bfloat16 through ``ml_dtypes``).
+"""Safetensors files through the ``safetensors`` package, with one-line errors naming the file.
 
-The format: an 8-byte little-endian header length, a JSON header mapping each tensor name to
-``{"dtype", "shape", "data_offsets"}`` (offsets into the data that follows), then the data.
-Nothing is unpickled; only plain little-endian arrays are read.
+Reading is memory-mapped (``safetensors.safe_open``). :meth:`SafetensorsFile.read` takes an
+index so that a caller building a sharded array (``jax.make_array_from_callback``) reads only
+its slice of a tensor. bfloat16 tensors are ``ml_dtypes.bfloat16`` numpy arrays, the type JAX
+uses, in both directions.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
+from collections.abc import Mapping
+from typing import Any
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  registers 'bfloat16' with numpy; safetensors' numpy BF16 needs it
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+Index = tuple[slice | int, ...]
 
-
-def read_header(path: str) -> dict[str, dict]:
-    """The tensor entries of a safetensors file (``__metadata__`` removed)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > os.path.getsize(path) - 8:
-            raise ValueError(f"{path}: corrupt safetensors header (length {size})")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
+# safetensors reports a file whose size differs from what its (valid) header describes so.
+_SIZE_MISMATCH = "not fully covered"
 
 
-def load_file(path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Reads tensors (all, or ``names``) of a safetensors file as numpy arrays (memory-mapped)."""
-    header = read_header(path)
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
-    out = {}
-    for name in names if names is not None else header:
-        entry = header[name]
-        if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        dtype = _DTYPES[entry["dtype"]]
-        out[name] = data[begin:end].view(dtype).reshape(entry["shape"])
-    return out
+class SafetensorsFile:
+    """One safetensors file, opened once and memory-mapped.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.safetensors")
+    >>> save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
+    >>> with SafetensorsFile(path) as f:
+    ...     f.names(), f.shape("w"), f.dtype("w"), f.read("w", (slice(1, 2),)).tolist()
+    (['w'], (2, 3), 'F32', [[3.0, 4.0, 5.0]])
+    """
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: safetensors file does not exist")
+        self.path = path
+        try:
+            self._handle = safetensors.safe_open(path, framework="numpy")
+        except safetensors.SafetensorError as e:
+            if _SIZE_MISMATCH in str(e):
+                raise ValueError(f"{path}: truncated or corrupt safetensors file: its size "
+                                 f"({os.path.getsize(path)} bytes) does not match what its "
+                                 "header describes") from None
+            raise ValueError(f"{path}: the safetensors header is not valid ({e}); the file is "
+                             "corrupt or not a safetensors file") from None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Releases the memory map."""
+        self._handle.__exit__(None, None, None)
+
+    def names(self) -> list[str]:
+        """The tensor names in the file."""
+        return list(self._handle.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` (read from the header only)."""
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of tensor ``name`` (``"F32"``, ``"BF16"``, ...)."""
+        return self._slice(name).get_dtype()
+
+    def read(self, name: str, index: Index | None = None) -> np.ndarray:
+        """Tensor ``name``, or only ``tensor[index]`` (e.g. one device's shard)."""
+        try:
+            if index is None:
+                return self._handle.get_tensor(name)
+            return self._handle.get_slice(name)[index]
+        except (safetensors.SafetensorError, TypeError) as e:
+            raise ValueError(f"{self.path}: cannot read tensor '{name}': {e}") from None
+
+    def _slice(self, name: str):
+        try:
+            return self._handle.get_slice(name)
+        except safetensors.SafetensorError as e:
+            raise ValueError(f"{self.path}: {e}") from None
 
 
-def save_file(tensors: dict[str, np.ndarray], path: str,
-              metadata: dict[str, str] | None = None) -> None:
-    """Writes ``tensors`` to ``path`` (names sorted, data contiguous, header 8-byte aligned)."""
-    header: dict[str, dict] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        if array.dtype not in _NAMES:
-            raise ValueError(f"tensor '{name}': dtype {array.dtype} cannot be written")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for array in arrays:
-            f.write(array.tobytes())
+def read_slice(path: str, name: str, index: Index | None = None) -> np.ndarray:
+    """``tensor[index]`` of tensor ``name`` in the file ``path`` (all of it when ``index`` is None).
+
+    Only the bytes of the slice are read from the memory-mapped file.
+    """
+    with SafetensorsFile(path) as f:
+        return f.read(name, index)
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str) -> None:
+    """Writes ``tensors`` to ``path`` with the metadata transformers expects (``format: pt``)."""
+    arrays = {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})

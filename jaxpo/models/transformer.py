@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpo.models.attention import Attention, Cache, RMSNorm, param, tree_mask
+from jaxpo.models.attention import Attention, Cache, RMSNorm, TreeLayout, param, tree_mask
 from jaxpo.models.config import ModelConfig
 from jaxpo.sharding.logical import constrain
 
@@ -53,7 +53,7 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | TreeLayout,
                  cache: Cache | None = None, cache_index: jax.Array | None = None,
                  ) -> tuple[jax.Array, Cache | None]:
         h, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
@@ -62,7 +62,8 @@ class Block(nnx.Module):
         return x, cache
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+def _run_block(block: Block, x: jax.Array, positions: jax.Array,
+               mask: jax.Array | TreeLayout) -> jax.Array:
     return block(x, positions, mask)[0]
 
 
@@ -106,8 +107,11 @@ class Transformer(nnx.Module):
 
         Returns:
           ``[B, S, D]`` in the compute dtype; a token sees only itself and its ancestors.
+          (Padding tokens, segment 0, are not meaningful: the attention paths differ there.)
         """
-        mask = tree_mask(segment, node_pre, node_last)  # [B, S, S]
+        mask = TreeLayout(segment, node_pre, node_last)  # blockwise / pallas: mask per block
+        if self.config.attention in ("dense", "dot_product"):
+            mask = tree_mask(*mask)  # [B, S, S], built once for all layers
         run = _run_block
         if self.config.remat != "none":
             run = nnx.remat(_run_block, policy=_REMAT_POLICIES[self.config.remat])

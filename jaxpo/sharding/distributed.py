@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from jaxpo.sharding.rules import batch_shardings, get_rules
+
 log = logging.getLogger(__name__)
 
 
@@ -133,8 +135,6 @@ def make_global_batch(
     Returns:
         dict of global ``jax.Array`` s.
     """
-    from jaxpo.sharding.rules import batch_shardings, get_rules
-
     local_batch = {k: np.asarray(v) for k, v in local_batch.items()}
     if shardings is None:
         procs = jax.process_count()

@@ -2,9 +2,19 @@
 
 A rule maps a logical axis name (what models write: ``embed``, ``mlp``, ``heads``,
 ``kv_heads``, ``head_dim``, ``vocab``, ``batch``, ``length``) to a mesh axis, a tuple of mesh
-axes, or None (replicated). Names without a rule are replicated. A mesh axis is used at most
-once per array (the first name that claims it wins), and a dimension that its mesh axes do not
-divide is replicated instead (logged).
+axes, or None (replicated). Names without a rule are replicated. Rules are in priority order
+and resolved by flax (see :mod:`jaxpo.sharding.logical`): a mesh axis is used at most once per
+array, the earlier rule winning, and a name's later rules are its fallbacks.
+
+No silent replication: a parameter, optimizer-state or batch dimension whose mesh axes do not
+divide it is an error naming the array, the dimension, the logical and mesh axes and the sizes,
+unless a later rule for the same name says what to do instead. To let a parameter axis fall
+back to replication, add ``(name, None)`` after its rule; e.g. GQA models with fewer key/value
+heads than the ``tensor`` axis::
+
+    rules = get_rules("fsdp_tp") + (("kv_heads", None),)  # e.g. 8 kv heads, tensor=16
+
+A fallback may also be a smaller sharding, e.g. ``("vocab", "tensor"), ("vocab", "fsdp")``.
 
 Presets:
 
@@ -24,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxpo.sharding.logical import Rules, fit_spec, logical_to_spec
+from jaxpo.sharding.logical import Rules, resolve_spec
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -56,11 +66,19 @@ def get_rules(name_or_rules: str | Rules = "fsdp") -> Rules:
                 f"unknown sharding rules {name_or_rules!r}; presets: {sorted(PRESETS)}"
             )
         return PRESETS[name_or_rules]
-    rules = tuple(tuple(rule) for rule in name_or_rules)
-    for rule in rules:
-        if len(rule) != 2 or not isinstance(rule[0], str):
-            raise ValueError(f"a sharding rule is (logical_name, mesh_axes), got {rule!r}")
-    return rules
+    return tuple(_check_rule(rule) for rule in name_or_rules)
+
+
+def _check_rule(rule: Any) -> tuple[str, str | tuple[str, ...] | None]:
+    """``(name, axes)`` with list axes made tuples; anything else is a ``ValueError``."""
+    if isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str):
+        name, axes = rule
+        axes = tuple(axes) if isinstance(axes, list) else axes
+        if axes is None or isinstance(axes, str) or (
+                isinstance(axes, tuple) and all(isinstance(a, str) for a in axes)):
+            return name, axes
+    raise ValueError(f"a sharding rule is (logical_name, mesh_axis | (mesh_axes...) | None), "
+                     f"got {rule!r}")
 
 
 def named_sharding(
@@ -73,7 +91,8 @@ def named_sharding(
 ) -> NamedSharding:
     """The ``NamedSharding`` of an array of ``shape`` whose axes are named ``names``.
 
-    A dimension that its mesh axes do not divide is replicated (and logged).
+    A dimension that its mesh axes do not divide takes the name's next rule, or raises a
+    ``ValueError`` naming ``where`` (see the module docstring).
 
     >>> mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
     >>> named_sharding((8, 4), ("vocab", "embed"), mesh, FSDP).spec
@@ -85,7 +104,7 @@ def named_sharding(
         raise ValueError(
             f"{where}: {len(names)} logical axis names {tuple(names)} for shape {tuple(shape)}"
         )
-    return NamedSharding(mesh, fit_spec(shape, logical_to_spec(names, rules), mesh, where=where))
+    return NamedSharding(mesh, resolve_spec(shape, names, mesh, rules, where=where))
 
 
 def state_shardings(tree: Any, mesh: Mesh, rules: Rules, *, params: Any = None) -> Any:
@@ -113,7 +132,8 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Rules, *, params: Any = None) 
             by_path[_path_key(path)] = (_shape(leaf), _names(leaf))
 
     def one(path, leaf):
-        where = "/".join(_path_key(path))
+        kind = "parameter" if isinstance(leaf, nnx.Param) else "state array"
+        where = f"{kind} '{'/'.join(_path_key(path))}'"
         shape, names = _shape(leaf), _names(leaf)
         if names is None and by_path:
             key = _path_key(path)
@@ -139,6 +159,10 @@ def param_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules: Rules) -> dict:
     """Shardings of a batch dict: leading axis by the ``batch`` rule, scalars replicated.
 
+    A leading dimension the batch's mesh axes do not divide is a ``ValueError``, e.g.
+    "batch array 'tokens' dim 0 ('batch') of size 6 cannot be sharded over mesh axes
+    ('data', 'fsdp') of size 4".
+
     >>> mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
     >>> batch_shardings({"tokens": np.zeros((4, 8))}, mesh, FSDP)["tokens"].spec
     P(('data', 'fsdp'), None)
@@ -147,7 +171,7 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules: Rules) -> dict:
     for key, value in batch.items():
         shape = _shape(value)
         names = ("batch",) + (None,) * (len(shape) - 1) if shape else None
-        out[key] = named_sharding(shape, names, mesh, rules, where=f"batch[{key!r}]")
+        out[key] = named_sharding(shape, names, mesh, rules, where=f"batch array {key!r}")
     return out
 
 

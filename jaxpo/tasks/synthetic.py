@@ -35,7 +35,8 @@ from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
-KINDS = ("pair", "list", "tree", "unpaired")
+from jaxpo.config import KINDS
+
 LETTERS = tuple("abcdefghij")  # the alphabet items are drawn from
 TASK_WORD, ARROW = "sort:", "->"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -263,8 +264,3 @@ def write_task(out_dir: str, kind: str = "pair", *, num_train: int = 2000, num_e
                             records(kind, num_eval, seed + 10_000)),
     }
 
-
-def eval_prompts(n: int = 64, seed: int = 10_000) -> list[str]:
-    """Held-out prompts for generation (the same stream as the eval split's prompts)."""
-    rng = random.Random(f"prompts-{seed}")
-    return [make_prompt(rng) for _ in range(n)]

@@ -1,8 +1,8 @@
-"""jaxpo.train: configuration, optimiser, train state and step, the loop, checkpoints, metrics.
+"""jaxpo.train: the train state, step and loop, checkpoints, metrics and reference caches.
 
-    python -m jaxpo.train --config=configs/dpo_tiny.py --workdir=runs/dpo   # = `jaxpo train`
+Imports point one way: ``setup`` (a run from its config) builds on ``optim``, ``state``,
+``checkpoint``, ``loss_inputs`` and ``step``; ``loop`` on ``setup``. The config itself is
+:mod:`jaxpo.config`; the embedded demo is :mod:`jaxpo.demo`.
+
+    summary = jaxpo.train.loop.train(config, workdir)   # = `jaxpo train --config=...`
 """
-
-from jaxpo.train.config import Config, load_config
-
-__all__ = ["Config", "load_config"]

@@ -3,13 +3,14 @@
 Each checkpoint (a directory per step, written atomically: a run killed mid-save leaves only
 complete checkpoints behind) holds:
 
-- ``state``: the :class:`~jaxpo.train.state.TrainState` (step, params, optimizer state,
-  skipped-step count), saved and restored with its shardings (collectively on many hosts);
-- ``reference``: the frozen reference params, when they cannot be rebuilt from the config
-  (after an SFT warm-up the reference is the warmed-up policy);
-- ``data``: the training data iterator's state (JSON);
+- ``params``: the policy parameters, saved and restored with their shardings (collectively on
+  many hosts); a run can start from another run's params (``model.init_from``);
+- ``optimizer``: the rest of the :class:`~jaxpo.train.state.TrainState` (update count,
+  optimiser state, running statistics);
+- ``data``: the training data iterator's state, one file per process, through grain's orbax
+  checkpoint handler (``grain.checkpoint.CheckpointSave``);
 - ``config``: the run's config (JSON);
-- ``meta``: small JSON facts of the run (phase, counters).
+- ``meta``: small JSON facts of the run (counters).
 
 Saving is synchronous: when :meth:`Checkpointer.save` returns the checkpoint is on disk.
 """
@@ -19,10 +20,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
-JSON_ITEMS = ("data", "config", "meta")
+from jaxpo.train.state import TrainState
+
+JSON_ITEMS = ("config", "meta")
 
 
 class Checkpointer:
@@ -46,15 +50,27 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, *, reference: Any = None, data: Any = None,
-             config: Any = None, meta: Any = None) -> None:
-        """Writes checkpoint ``step`` (replacing nothing: an existing step is left as is)."""
+    def save(self, step: int, state: TrainState, *, data: Any = None, config: Any = None,
+             meta: Any = None) -> None:
+        """Writes checkpoint ``step``.
+
+        Args:
+          step: the checkpoint's step (the state's update count).
+          state: the train state.
+          data: the training data iterator (its state is saved per process), or None.
+          config, meta: JSON-able dicts, or None.
+
+        Raises:
+          ValueError: a checkpoint of this step exists already (never skipped silently).
+        """
         if step in self.manager.all_steps():
-            return
-        items = {"state": ocp.args.StandardSave(state)}
-        if reference is not None:
-            items["reference"] = ocp.args.StandardSave(reference)
-        for name, value in zip(JSON_ITEMS, (data, config, meta)):
+            raise ValueError(f"{self.directory}/{step} exists already; a run never overwrites "
+                             "a checkpoint")
+        items = {"params": ocp.args.StandardSave(state.params),
+                 "optimizer": ocp.args.StandardSave(_optimizer_part(state))}
+        if data is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data)
+        for name, value in zip(JSON_ITEMS, (config, meta)):
             if value is not None:
                 items[name] = ocp.args.JsonSave(value)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -65,30 +81,40 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step))
         return {n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n))}
 
-    def restore(self, step: int, abstract_state: Any, *, abstract_reference: Any = None
-                ) -> dict[str, Any]:
-        """Restores checkpoint ``step``.
+    def restore(self, step: int, abstract_state: TrainState, *, data: Any = None) -> TrainState:
+        """Restores the train state of checkpoint ``step`` (and, given the iterator, its data
+        position).
 
         Args:
           step: the checkpoint's step.
           abstract_state: the state's structure as ``jax.ShapeDtypeStruct`` leaves with
             shardings (where the restored arrays go).
-          abstract_reference: likewise for the reference, when the checkpoint has one.
-
-        Returns:
-          ``{"state": ..., "reference": ... | None, "data": ..., "config": ..., "meta": ...}``
-          (JSON items None when absent).
+          data: the training data iterator, set to the saved position; None leaves it.
         """
-        names = self.item_names(step)
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if "reference" in names and abstract_reference is not None:
-            items["reference"] = ocp.args.StandardRestore(abstract_reference)
-        for name in JSON_ITEMS:
-            if name in names:
-                items[name] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return {name: restored.get(name) if name in items else None
-                for name in ("state", "reference", *JSON_ITEMS)}
+        items = {"params": ocp.args.StandardRestore(abstract_state.params),
+                 "optimizer": ocp.args.StandardRestore(_optimizer_part(abstract_state))}
+        if data is not None:
+            if "data" not in self.item_names(step):
+                raise ValueError(f"{self.directory}/{step} has no data iterator state")
+            items["data"] = grain.checkpoint.CheckpointRestore(data)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as e:
+            if "process_" in str(e):  # grain: no file for this process index / count
+                raise ValueError(
+                    f"{self.directory}/{step}: the data iterator was saved by a different "
+                    f"number of processes than the {jax.process_count()} resuming it ({e})"
+                ) from None
+            raise
+        rest = restored["optimizer"]
+        return TrainState(step=rest["step"], params=restored["params"],
+                          opt_state=rest["opt_state"], stats=rest["stats"])
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the policy params of checkpoint ``step`` (e.g. to start another run)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+        return restored["params"]
 
     def read_json(self, step: int, name: str) -> Any:
         """One JSON item of checkpoint ``step`` (None when absent)."""
@@ -101,6 +127,10 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _optimizer_part(state: TrainState) -> dict[str, Any]:
+    return {"step": state.step, "opt_state": state.opt_state, "stats": state.stats}
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

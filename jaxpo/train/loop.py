@@ -2,147 +2,175 @@
 eval`` and ``jaxpo precompute-ref`` call.
 
     summary = train(config, workdir)       # resumes from <workdir>/checkpoints when present
-    metrics = evaluate(config, workdir)    # latest checkpoint, else the untrained model
+    metrics = evaluate(config, workdir)    # the newest checkpoint in workdir
     precompute_reference(config, out_dir)  # for reference.mode=precomputed
 
-A run saves a checkpoint every ``train.checkpoint_every`` step calls, at the end, and after
-the current step when it receives SIGTERM (then :func:`train` returns with
-``summary["preempted"] = True``). Restarting with the same workdir continues from the newest
+A run of ``train.steps`` optimiser updates saves a checkpoint every ``train.checkpoint_every``
+updates, at the end, and after the current update when it receives SIGTERM (then
+``summary["preempted"]`` is True). Restarting with the same workdir continues from the newest
 checkpoint and, on the same devices, produces bitwise the same parameters as a run that was
-never interrupted: the state, the data iterator position and the phase are all restored.
+never interrupted: the state and the data iterator position are restored. A run whose loss or
+gradients stay non-finite for ``train.max_skipped_steps`` consecutive updates stops with
+:class:`NonFiniteError`, keeping its last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpo.data.sources import RecordSource
+from jaxpo.config import Config
 from jaxpo.sharding import batch_shardings, make_global_batch
 from jaxpo.train import checkpoint as ckpt_lib
 from jaxpo.train import inputs
 from jaxpo.train import metrics as metrics_lib
 from jaxpo.train import reference as ref_lib
 from jaxpo.train import state as state_lib
-from jaxpo.train import step as step_lib
-from jaxpo.train.config import to_json_dict
+from jaxpo.train.loss_inputs import BATCH_KEYS, REFERENCE_KEYS, sequence_logps
 from jaxpo.train.setup import Run, build_run
+from jaxpo.train.step import stack
 
 
-def train(config: Any, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+class NonFiniteError(RuntimeError):
+    """The loss or gradients were non-finite for ``train.max_skipped_steps`` updates in a row."""
+
+
+def train(config: Config, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Trains (or resumes training) and returns a summary.
 
     Args:
-      config: the validated :class:`jaxpo.train.config.Config`.
+      config: the validated :class:`jaxpo.config.Config`.
       workdir: run directory: ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``data/``.
       progress: show the console progress bar.
 
     Returns:
       ``{"step", "total_steps", "preempted", "resumed_from", "checkpoint_dir",
-      "metrics_file", "tensorboard_dir", "final": {...last train metrics},
+      "metrics_file", "tensorboard_dir", "skipped_steps", "final": {...last train metrics},
       "eval": {...last eval metrics}}``.
+
+    Raises:
+      NonFiniteError: see the module docstring.
     """
     os.makedirs(workdir, exist_ok=True)
     run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir)
-    builder, ref_tables = _builder(run, train_files, eval_files)
-    it = inputs.train_iterator(config, train_files, builder["train"],
-                               with_ref_logps=ref_tables is not None)
+    builders = _builders(run, train_files, eval_files)
+    with_ref = run.reference_mode == "precomputed"
+    it = inputs.train_iterator(config, train_files, builders["train"], with_ref_logps=with_ref)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     state, ref_params, resumed = _start(run, ckpt, it)
-    start = int(state.step)
+    start, total = int(state.step), config.train.steps
     writer = metrics_lib.MetricsWriter(workdir, resume_step=resumed, enabled=_is_main())
-    bar = metrics_lib.ProgressBar(run.total_calls, start, enabled=progress and _is_main())
+    bar = metrics_lib.ProgressBar(total, start, enabled=progress and _is_main())
     logger = _Logger(run, it, writer, bar, start)
+    evaluator = _Evaluator(run, eval_files, builders["eval"], with_ref) if eval_files else None
     preempted = _Flag()
-    steps, batch_sh, last_eval = {}, None, {}
-    with preempted.on_sigterm():
-        for step in range(start, run.total_calls):
-            phase = run.phase(step)
-            if step == run.sft_calls > 0:
-                state, ref_params = _begin_preference(run, state)
-            local = next(it)
-            batch_sh = batch_sh or _batch_shardings(run, local)
-            if phase not in steps:
-                steps[phase] = step_lib.TrainStep(run.train_step(phase, batch_sh),
-                                                  ref_params if phase == "pref" else None)
-            batch = make_global_batch({k: local[k] for k in batch_sh}, run.mesh, batch_sh)
-            state, out = steps[phase](state, batch)
-            done = step + 1
-            logger.step(done, phase, out, local)
-            if _eval_due(config, done, run.total_calls) and eval_files:
-                params_ref = ref_params if phase == "pref" else state.params
-                last_eval = _evaluate(run, state.params, params_ref, eval_files, builder["eval"],
-                                      ref_tables is not None)
-                writer.write(done, last_eval)
-                bar.write(f"step {done}: " + _short(last_eval))
-            if (done % config.train.checkpoint_every == 0 or done == run.total_calls
-                    or preempted.is_set()):
-                _save(run, ckpt, state, ref_params, it)
-            if preempted.is_set():
-                break
-    bar.close()
-    writer.close()
-    ckpt.close()
+    step_fn, shardings, last_eval = None, None, {}
+    keys = BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
+    try:
+        with preempted.on_sigterm():
+            for update in range(start, total):
+                local = stack(*(next(it) for _ in range(config.optim.grad_accum_steps)))
+                local = {k: local[k] for k in keys}
+                if step_fn is None:
+                    shardings = _batch_shardings(run, local, micro_axis=True)
+                    step_fn = run.train_step(shardings)
+                batch = make_global_batch(local, run.mesh, shardings)
+                state, out = step_fn(state, ref_params, batch)
+                done = update + 1
+                logger.step(done, out, local)
+                if _eval_due(config, done) and evaluator is not None:
+                    last_eval = evaluator(state.params, ref_params)
+                    writer.write(done, last_eval)
+                    bar.write(f"step {done}: " + _short(last_eval))
+                if (done % config.train.checkpoint_every == 0 or done == total
+                        or preempted.is_set()):
+                    _save(run, ckpt, state, it)
+                if preempted.is_set():
+                    break
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
     return {
-        "step": int(state.step), "total_steps": run.total_calls,
-        "preempted": preempted.is_set() and int(state.step) < run.total_calls,
+        "step": int(state.step), "total_steps": total,
+        "preempted": preempted.is_set() and int(state.step) < total,
         "resumed_from": resumed, "checkpoint_dir": ckpt.directory,
         "metrics_file": writer.path, "tensorboard_dir": os.path.join(workdir, "tensorboard"),
-        "skipped_steps": int(state.skipped), "final": logger.last, "eval": last_eval,
+        "skipped_steps": int(logger.last.get("skipped_steps", 0)), "final": logger.last,
+        "eval": last_eval,
     }
 
 
-def evaluate(config: Any, workdir: str | None = None) -> dict[str, Any]:
+def evaluate(config: Config, workdir: str | None = None, *, untrained: bool = False
+             ) -> dict[str, Any]:
     """Eval metrics (``eval/``-prefixed) on ``data.eval_files`` (or the synthetic held-out
-    split) for the newest checkpoint in ``workdir``, else for the untrained model."""
+    split) for the newest checkpoint in ``workdir`` (the untrained model only when asked)."""
     run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir or tempfile.mkdtemp("jaxpo"))
     if not eval_files:
         raise ValueError("config.data.eval_files is empty: nothing to evaluate on")
-    builder, ref_tables = _builder(run, train_files, eval_files)
-    with_ref = ref_tables is not None
-    params, ref_params, step = load_params(run, workdir)
-    out = _evaluate(run, params, ref_params, eval_files, builder["eval"], with_ref)
-    return {"step": step, **out}
+    builders = _builders(run, train_files, eval_files)
+    params, ref_params, step = load_params(run, workdir, untrained=untrained)
+    evaluator = _Evaluator(run, eval_files, builders["eval"],
+                           run.reference_mode == "precomputed")
+    out = {"step": step, **evaluator(params, ref_params)}
+    note = truncation_note(evaluator.counters, config)
+    if note:
+        print(note, file=sys.stderr)
+    return out
 
 
-def load_params(run: Run, workdir: str | None) -> tuple[Any, Any, int]:
+def load_params(run: Run, workdir: str | None, *, untrained: bool = False
+                ) -> tuple[Any, Any, int]:
     """``(policy params, reference params or None, step)`` of the newest checkpoint in
-    ``workdir``, or of the untrained model when there is none."""
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=run.config.train.keep_checkpoints) if (
-        workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))) else None
+    ``workdir``. Without a checkpoint, the initial model (step 0) when it is a trained model of
+    its own (``model.path`` or ``model.init_from``), else only with ``untrained=True``.
+
+    Raises:
+      ValueError: no checkpoint, a randomly initialised model and ``untrained`` False.
+    """
+    has = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=run.config.train.keep_checkpoints) if has else None
     step = ckpt.latest_step() if ckpt else None
+    initial = run.initial_params() if step is None or run.reference_mode == "model" else None
     if step is None:
-        params = run.initial_params()
-        ref = state_lib.copy_params(params, run.shardings["pref"].params)
-        return params, ref if run.config.reference.mode == "model" else None, 0
-    state, ref = _restore(run, ckpt, step)
+        if ckpt:
+            ckpt.close()
+        model = run.config.model
+        if not (untrained or model.path or model.init_from):
+            where = f"--workdir={workdir}: no checkpoint there (a typo, or a run that never " \
+                "saved?)" if workdir else "no --workdir given"
+            raise ValueError(f"{where}; the model would be the random init of "
+                             f"model.preset={model.preset!r}: pass --untrained to use it anyway")
+        if workdir:
+            print(f"(no checkpoint in {workdir}: using the initial model)", file=sys.stderr)
+        return initial, run.reference_params(initial), 0
+    state = ckpt.restore(step, run.abstract_state())
     ckpt.close()
-    if run.config.reference.mode == "model" and ref is None:
-        # During the warm-up the policy is its own reference; without one, the initial model.
-        ref = state.params if run.sft_calls else run.initial_params()
-    return state.params, ref, step
+    return state.params, run.reference_params(initial), step
 
 
-def load_policy(config: Any, workdir: str | None):
+def load_policy(config: Config, workdir: str | None, *, untrained: bool = False):
     """The trained policy as a ``jaxpo.models.Transformer`` (for export and generation)."""
     from flax import nnx
 
     run = build_run(config)
-    params, _, step = load_params(run, workdir)
+    params, _, step = load_params(run, workdir, untrained=untrained)
     return nnx.merge(run.graphdef, params), step
 
 
-def precompute_reference(config: Any, out_dir: str, workdir: str | None = None) -> dict[str, Any]:
+def precompute_reference(config: Config, out_dir: str, workdir: str | None = None
+                         ) -> dict[str, Any]:
     """Computes the reference log-probs of the train and eval files with the initial model and
     writes the cache to ``out_dir`` (see :mod:`jaxpo.train.reference`).
 
@@ -155,20 +183,18 @@ def precompute_reference(config: Any, out_dir: str, workdir: str | None = None) 
     files = {"train": train_files, "eval": eval_files}
     key = ref_lib.cache_key(run.model_cfg, params, inputs.tokenizer_dir(config), config.data,
                             files)
-    fn = jax.jit(lambda p, b: step_lib.sequence_logps(
+    fn = jax.jit(lambda p, b: sequence_logps(
         run.graphdef, p, b, num_nodes=run.num_nodes,
         chunk_size=config.model.logprob_chunk_size).logps)
-    builder = inputs.group_builder(config, run.tokenizer)
+    builder = inputs.group_builder(config, run.tokenizer, run.label_mapping)
     tables = {}
     for split, paths in files.items():
         if not paths:
             continue
-        it = inputs.eval_iterator(config, paths, builder)
-        num_records = len(RecordSource(list(paths)))
+        num_records = len(inputs.source(config, paths))
         table = np.full((num_records, config.data.max_responses), np.nan, np.float32)
-        for local in it:
-            keys = step_lib.BATCH_KEYS
-            logps = np.asarray(jax.device_get(fn(params, {k: local[k] for k in keys})))
+        for local in inputs.eval_iterator(config, paths, builder):
+            logps = np.asarray(jax.device_get(fn(params, {k: local[k] for k in BATCH_KEYS})))
             ref_lib.fill_table(table, local, logps)
         tables[split] = table
     ref_lib.write_cache(out_dir, key, tables)
@@ -183,8 +209,9 @@ def _is_main() -> bool:
 
 
 class _Logger:
-    """Writes a step's metrics every ``train.log_every`` steps (and at the last one), with the
-    throughput since the previous record and the data iterator's counters."""
+    """Writes an update's metrics every ``train.log_every`` updates (and at the last one), with
+    the throughput since the previous record and the data iterator's counters; stops the run
+    when the non-finite streak reaches ``train.max_skipped_steps``."""
 
     def __init__(self, run: Run, it, writer: metrics_lib.MetricsWriter,
                  bar: metrics_lib.ProgressBar, start: int):
@@ -192,11 +219,12 @@ class _Logger:
         self.num_params = state_lib.count_params(run.abstract_params)
         self.tokens, self.shown, self.t0 = 0, start, time.perf_counter()
         self.last: dict[str, Any] = {}
+        self.truncation_reported = False
 
-    def step(self, done: int, phase: str, out: dict[str, Any], local: dict[str, Any]) -> None:
+    def step(self, done: int, out: dict[str, Any], local: dict[str, Any]) -> None:
         self.tokens += int(np.count_nonzero(local["segment"]))  # real tokens, this process
         cfg = self.run.config.train
-        if done % cfg.log_every and done != self.run.total_calls:
+        if done % cfg.log_every and done != cfg.steps:
             return
         out = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the step
         now = time.perf_counter()
@@ -205,14 +233,24 @@ class _Logger:
             num_params=self.num_params, peak_flops=cfg.peak_flops,
             num_devices=jax.device_count())
         out |= _data_counters(self.it)
-        out["phase"] = phase
+        note = truncation_note(getattr(self.it, "counters", {}), self.run.config)
+        if note and not self.truncation_reported and _is_main():
+            self.bar.write(note)
+            self.truncation_reported = True
         self.writer.write(done, out)
-        self.bar.update(done - self.shown, out, phase)
+        self.bar.update(done - self.shown, out)
         self.last, self.tokens, self.shown, self.t0 = out, 0, done, now
+        if out.get("nonfinite_streak", 0) >= cfg.max_skipped_steps:
+            bad = next((k for k, v in out.items() if not np.isfinite(v)), "grad_norm")
+            raise NonFiniteError(
+                f"step {done}: {bad} was non-finite for {int(out['nonfinite_streak'])} updates "
+                f"in a row (train.max_skipped_steps={cfg.max_skipped_steps}); those updates "
+                "were skipped and the last good checkpoint is kept. Lower "
+                "optim.learning_rate, check the data and the model weights.")
 
 
 class _Flag:
-    """Set by SIGTERM: the loop saves after the current step and stops."""
+    """Set by SIGTERM: the loop saves after the current update and stops."""
 
     def __init__(self):
         self._set = False
@@ -236,104 +274,79 @@ class _Flag:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _builder(run: Run, train_files, eval_files) -> tuple[dict[str, Any], Any]:
-    """Group builders per split; with a precomputed reference they attach its log-probs."""
-    base = inputs.group_builder(run.config, run.tokenizer)
-    if run.config.reference.mode != "precomputed":
-        return {"train": base, "eval": base}, None
-    if not run.config.reference.cache_dir:
-        # The records carry the reference log-probs (``ref_chosen_logps``/``ref_rejected_logps``
-        # for pairs, ``ref_logps`` for lists and unpaired records).
-        return {"train": base, "eval": base}, {}
-    params = run.initial_params()
-    files = {"train": tuple(train_files), "eval": tuple(eval_files)}
+def _builders(run: Run, train_files, eval_files) -> dict[str, Any]:
+    """Group builders per split; with a precomputed reference cache they attach its log-probs
+    (without a cache dir the records carry them: ``ref_chosen_logps``/``ref_rejected_logps``
+    for pairs, ``ref_logps`` for lists and unpaired records)."""
+    base = inputs.group_builder(run.config, run.tokenizer, run.label_mapping)
     cache_dir = run.config.reference.cache_dir
-    key = ref_lib.cache_key(run.model_cfg, params, inputs.tokenizer_dir(run.config),
+    if run.reference_mode != "precomputed" or not cache_dir:
+        return {"train": base, "eval": base}
+    files = {"train": tuple(train_files), "eval": tuple(eval_files)}
+    key = ref_lib.cache_key(run.model_cfg, run.initial_params(), inputs.tokenizer_dir(run.config),
                             run.config.data, files)
     tables = ref_lib.load_cache(cache_dir, key)
-    out = {split: inputs.WithReference(base, tables[split]) for split in tables}
-    return out, tables
+    return {split: inputs.WithReference(base, tables[split]) for split in tables}
 
 
 def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it) -> tuple[Any, Any, int | None]:
     """``(state, reference params, resumed step or None)``: restored or fresh."""
     step = ckpt.latest_step()
-    mode = run.config.reference.mode
+    initial = run.initial_params() if step is None or run.reference_mode == "model" else None
     if step is None:
-        params = run.initial_params()
-        phase = run.phase(0)
-        # new_state copies the params into the (donated) state: the originals are the reference.
-        ref = params if phase == "pref" and mode == "model" else None
-        return run.new_state(params, phase), ref, None
-    state, ref = _restore(run, ckpt, step)
-    data_state = ckpt.read_json(step, "data")
-    if data_state is not None:
-        states = data_state["processes"]
-        if len(states) != jax.process_count():
-            raise ValueError(f"{ckpt.directory}/{step}: saved by {len(states)} processes, "
-                             f"resumed by {jax.process_count()}; the data order cannot resume")
-        it.set_state(states[jax.process_index()])
-    if mode == "model" and run.sft_calls == 0:
-        ref = run.initial_params()  # no warm-up: the reference is the initial model
-    elif mode == "model" and step > run.sft_calls and ref is None:
-        raise ValueError(f"{ckpt.directory}/{step}: the checkpoint has no reference params")
-    return state, ref, step
-
-
-def _restore(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> tuple[Any, Any]:
-    phase = run.checkpoint_phase(step)
-    shardings = run.shardings[phase]
-    abstract_state = ckpt_lib.abstract_like(
-        jax.eval_shape(lambda p: state_lib.new_state(p, run.tx[phase]), run.abstract_params),
-        shardings)
-    abstract_ref = ckpt_lib.abstract_like(run.abstract_params, run.shardings["pref"].params)
-    restored = ckpt.restore(step, abstract_state, abstract_reference=abstract_ref)
-    stored = (restored["config"] or {}).get("model", {})
-    current = to_json_dict(run.config)["model"]
-    for field in ("preset", "path", "param_dtype"):
-        if field in stored and stored[field] != current[field]:
+        return run.new_state(initial), run.reference_params(initial), None
+    stored = ckpt.read_json(step, "config") or {}
+    current = run.config.to_dict()["model"]
+    for field in ("preset", "path", "init_from", "param_dtype"):
+        old = stored.get("model", {}).get(field)
+        if old is not None and old != current[field]:
             raise ValueError(f"{ckpt.directory}/{step}: the checkpoint was made with "
-                             f"config.model.{field}={stored[field]!r}, not {current[field]!r}")
-    return state_lib.TrainState(*restored["state"]), restored["reference"]
+                             f"config.model.{field}={old!r}, not {current[field]!r}")
+    state = ckpt.restore(step, run.abstract_state(), data=it)
+    return state, run.reference_params(initial), step
 
 
-def _begin_preference(run: Run, state: state_lib.TrainState):
-    """End of the SFT warm-up: the warmed-up policy becomes the reference; a fresh optimizer."""
-    # new_state copies the params into the new state: the old buffers become the reference.
-    ref = state.params if run.config.reference.mode == "model" else None
-    fresh = run.new_state(state.params, "pref")
-    return fresh._replace(step=state.step, skipped=state.skipped), ref
+def _save(run: Run, ckpt: ckpt_lib.Checkpointer, state, it) -> None:
+    ckpt.save(int(state.step), state, data=it, config=run.config.to_dict(),
+              meta={"objective": run.objective.name})
 
 
-def _save(run: Run, ckpt: ckpt_lib.Checkpointer, state, ref_params, it) -> None:
-    step = int(state.step)
-    keep_ref = ref_params is not None and run.sft_calls > 0 and step > run.sft_calls
-    ckpt.save(step, state, reference=ref_params if keep_ref else None, data=_data_states(it),
-              config=to_json_dict(run.config),
-              meta={"phase": run.checkpoint_phase(step), "skipped": int(state.skipped)})
-
-
-def _data_states(it) -> dict[str, list]:
-    """Every process's iterator state (a JSON item is written by process 0 only)."""
-    state = it.get_state()
-    if jax.process_count() == 1:
-        return {"processes": [state]}
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([raw.size])).reshape(-1)  # [P]
-    padded = np.zeros(int(sizes.max()), np.uint8)
-    padded[:raw.size] = raw
-    every = multihost_utils.process_allgather(padded)  # [P, L]
-    return {"processes": [json.loads(bytes(every[p, :n])) for p, n in enumerate(sizes)]}
-
-
-def _batch_shardings(run: Run, local: dict[str, np.ndarray]) -> dict[str, Any]:
-    keys = [k for k in step_lib.BATCH_KEYS + step_lib.OPTIONAL_KEYS if k in local]
+def _batch_shardings(run: Run, local: dict[str, np.ndarray], *, micro_axis: bool = False
+                     ) -> dict[str, Any]:
+    """Shardings of the global batch built from this process's ``local`` arrays (rows on the
+    leading axis, or on the second after a micro-batch axis)."""
     procs = jax.process_count()
-    shapes = {k: jax.ShapeDtypeStruct((local[k].shape[0] * procs, *local[k].shape[1:]),
-                                      local[k].dtype) for k in keys}
-    return batch_shardings(shapes, run.mesh, run.rules)
+
+    def global_shape(x):  # rows of every process
+        return jax.ShapeDtypeStruct((x.shape[0] * procs, *x.shape[1:]), x.dtype)
+
+    one = {k: v[0] for k, v in local.items()} if micro_axis else local
+    shardings = batch_shardings({k: global_shape(v) for k, v in one.items()}, run.mesh,
+                                run.rules)
+    if not micro_axis:
+        return shardings
+    return {k: NamedSharding(run.mesh, PartitionSpec(None, *s.spec))
+            for k, s in shardings.items()}
+
+
+def truncation_note(counters: dict[str, Any], config: Config) -> str | None:
+    """One line saying how much the length limits cut (None when nothing was cut).
+
+    >>> from jaxpo.config import Config
+    >>> print(truncation_note({"truncated/prompt": 2, "truncated/prompt_tokens": 30,
+    ...                        "records_read": 8}, Config()))
+    data: the length limits cut 2 prompts (30 tokens) and 0 responses (0 tokens) of 8 records read (data.max_prompt_length=0, data.max_length=512); counts in metrics as data/truncated/*
+    """
+    prompts, responses = counters.get("truncated/prompt", 0), counters.get("truncated/response", 0)
+    if not prompts and not responses:
+        return None
+    d = config.data
+    return (f"data: the length limits cut {prompts} prompts "
+            f"({counters.get('truncated/prompt_tokens', 0)} tokens) and {responses} responses "
+            f"({counters.get('truncated/response_tokens', 0)} tokens) of "
+            f"{counters.get('records_read', 0)} records read (data.max_prompt_length="
+            f"{d.max_prompt_length}, data.max_length={d.max_length}); counts in metrics as "
+            "data/truncated/*")
 
 
 def _data_counters(it) -> dict[str, float]:
@@ -343,35 +356,47 @@ def _data_counters(it) -> dict[str, float]:
     return out
 
 
-def _eval_due(config: Any, done: int, total: int) -> bool:
+def _eval_due(config: Config, done: int) -> bool:
     every = config.train.eval_every
-    return done == total or (every > 0 and done % every == 0)
+    return done == config.train.steps or (every > 0 and done % every == 0)
 
 
-def _evaluate(run: Run, params, ref_params, files, builder, with_ref: bool) -> dict[str, float]:
-    """The eval step's metrics over up to ``train.eval_batches`` batches (0: all), aggregated as TRL's
-    evaluation does: ``loss`` is the mean over groups (each batch weighted by its groups), every
-    other metric the mean over batches of the batch means."""
-    fn = run.eval_step()
-    sums: dict[str, float] = {}
-    batches, groups = 0, 0.0
-    it = inputs.eval_iterator(run.config, files, builder, with_ref_logps=with_ref)
-    keys = step_lib.BATCH_KEYS + (("ref_logps",) if with_ref else ())
-    for i, local in enumerate(it):
-        if run.config.train.eval_batches and i >= run.config.train.eval_batches:
-            break
-        sh = _batch_shardings(run, local)
-        batch = make_global_batch({k: local[k] for k in keys}, run.mesh, sh)
-        out = {k: float(v) for k, v in jax.device_get(fn(params, ref_params, batch)).items()}
-        n = out.pop("groups")
-        if n == 0:
-            continue
-        groups += n
-        batches += 1
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + (v * n if k == "loss" else v)
-    return {f"eval/{k}": v / (max(groups, 1.0) if k == "loss" else max(batches, 1))
-            for k, v in sums.items()} | {"eval/groups": groups}
+class _Evaluator:
+    """``evaluator(params, ref_params) -> eval metrics`` over up to ``train.eval_batches``
+    batches (0: all), with one compiled eval step for the whole run. Aggregated as TRL's
+    evaluation does: ``loss`` is the mean over groups (each batch weighted by its groups),
+    every other metric the mean over batches of the batch means."""
+
+    def __init__(self, run: Run, files, builder, with_ref: bool):
+        self.run, self.files, self.builder, self.with_ref = run, files, builder, with_ref
+        self.fn = run.eval_step()
+        self.keys = BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
+
+    def __call__(self, params, ref_params) -> dict[str, float]:
+        run = self.run
+        sums: dict[str, float] = {}
+        batches, groups = 0, 0.0
+        it = inputs.eval_iterator(run.config, self.files, self.builder,
+                                  with_ref_logps=self.with_ref)
+        for i, local in enumerate(it):
+            if run.config.train.eval_batches and i >= run.config.train.eval_batches:
+                break
+            local = {k: local[k] for k in self.keys}
+            batch = make_global_batch(local, run.mesh, _batch_shardings(run, local))
+            out = {k: float(v) for k, v in jax.device_get(
+                self.fn(params, ref_params, batch)).items()}
+            n = out.pop("groups")
+            if n == 0:
+                continue
+            groups += n
+            batches += 1
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + (v * n if k == "loss" else v)
+        self.counters = dict(getattr(it, "counters", {}))
+        out = {f"eval/{k}": v / (max(groups, 1.0) if k == "loss" else max(batches, 1))
+               for k, v in sums.items()} | {"eval/groups": groups}
+        cut = {k: v for k, v in self.counters.items() if k.startswith("truncated/")}
+        return out | {f"eval/data/{k}": float(v) for k, v in cut.items()}
 
 
 def _short(metrics: dict[str, float]) -> str:

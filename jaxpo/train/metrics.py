@@ -3,7 +3,9 @@
 ``metrics.jsonl`` holds one JSON object per logged step, ``{"step": 10, "loss": 0.61, ...}``,
 and one per evaluation with ``eval/``-prefixed names. On a resumed run the file is appended to;
 records of steps after the checkpoint that was restored (written before the interruption) are
-dropped first, so every step appears once. Only process 0 writes.
+dropped first, so every step appears once, and a last line cut short by a kill is dropped. A
+fresh run never deletes an earlier file: it is moved aside to ``metrics.jsonl.1`` (``.2``, ...).
+Only process 0 writes.
 
 >>> throughput(tokens=1000, seconds=2.0, num_params=10, peak_flops=0.0, num_devices=1)
 {'tokens_per_sec': 500.0}
@@ -67,7 +69,7 @@ class MetricsWriter:
         if resume_step is not None and os.path.exists(self.path):
             _truncate_after(self.path, resume_step)
         elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run in a reused directory
+            os.rename(self.path, _free_name(self.path))  # a fresh run in a reused directory
         if tensorboard:
             from tensorboardX import SummaryWriter  # local: only when writing
 
@@ -94,17 +96,25 @@ class MetricsWriter:
 
 
 def _truncate_after(path: str, step: int) -> None:
+    """Keeps the records up to ``step``; lines that are not JSON (a line cut by a kill) go."""
+    kept = []
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(json.dumps(record) + "\n")
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of ``<workdir>/metrics.jsonl``, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _free_name(path: str) -> str:
+    n = 1
+    while os.path.exists(f"{path}.{n}"):
+        n += 1
+    return f"{path}.{n}"
 
 
 class ProgressBar:

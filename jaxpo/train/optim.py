@@ -2,13 +2,14 @@
 
     tx, schedule = make_optimizer(config.optim, total_steps=config.train.steps)
 
-The chain is ``clip_by_global_norm → optimiser(schedule)``, wrapped in ``optax.MultiSteps`` when
-``grad_accum_steps > 1`` (gradients of ``k`` micro-batches are averaged, then one update is
-made). ``schedule(n)`` is the learning rate of the ``n``-th *update* (not micro-batch), which is
-what the metrics call ``learning_rate``. Weight decay applies to matrices only (``ndim >= 2``),
-not to norm scales or biases.
+The chain is ``clip_by_global_norm → optimiser(schedule)`` inside ``optax.apply_if_finite``:
+an update whose gradients are not finite is dropped (params and moments unchanged) and counted
+in the optimiser state, which the loop reads to stop a run that keeps failing. Gradient
+accumulation happens inside the jitted step (a scan over micro-batches), so ``schedule(n)`` is
+the learning rate of the ``n``-th update, what the metrics call ``learning_rate``. Weight decay
+applies to matrices only (``ndim >= 2``), not to norm scales or biases.
 
->>> from jaxpo.train.config import OptimConfig
+>>> from jaxpo.config import OptimConfig
 >>> tx, schedule = make_optimizer(OptimConfig(learning_rate=1.0, warmup_steps=2), total_steps=6)
 >>> [round(float(schedule(n)), 3) for n in range(7)]
 [0.0, 0.5, 1.0, 0.854, 0.5, 0.146, 0.0]
@@ -19,7 +20,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from jaxpo.train.config import OptimConfig
+from jaxpo.config import OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -75,8 +76,7 @@ def make_optimizer(
 
     Args:
         cfg: ``config.optim``.
-        total_steps: optimiser updates in the run (``config.train.steps``); with gradient
-            accumulation the step function is called ``grad_accum_steps`` times per update.
+        total_steps: optimiser updates in the run (``config.train.steps``).
 
     Returns:
         ``(tx, schedule)``: an optax transformation and ``schedule(update_index) -> lr``.
@@ -86,7 +86,7 @@ def make_optimizer(
     if cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
     parts.append(_base(cfg, schedule))
-    tx = optax.chain(*parts)
-    if cfg.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()
+    # The loop stops long before this many consecutive failures (train.max_skipped_steps);
+    # apply_if_finite would apply a non-finite update after it.
+    tx = optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
     return tx, schedule

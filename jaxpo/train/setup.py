@@ -1,76 +1,125 @@
 """Everything a run builds from its config before the first step: mesh, rules, tokenizer, model,
-objective, optimizers, shardings and the initial parameters.
+objective, optimiser, shardings, the step spec and the initial parameters.
 
-A run has up to two phases, each with its own optimizer (and schedule) and its own compiled
-step: ``sft`` (``train.sft_warmup_steps`` updates of the ``sft`` objective on the best response)
-and ``pref`` (``train.steps`` updates of the configured objective). With gradient accumulation
-the step runs ``optim.grad_accum_steps`` times per update; ``state.step`` counts step calls.
+    run = build_run(config)          # checks the config against the objective, once
+    params = run.initial_params()    # model.init_from, model.path or the seeded init
+    state = run.new_state(params)
+
+:func:`check` is the one place where the objective is checked against the reference mode and
+the data kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxpo import losses
+from jaxpo.config import Config
 from jaxpo.data.tokenize import Tokenizer
+from jaxpo.models import preset_names
 from jaxpo.models.config import ModelConfig
 from jaxpo.models.hf_io import load_hf
 from jaxpo.models.transformer import Transformer
 from jaxpo.sharding import get_rules, make_mesh, maybe_initialize
+from jaxpo.sharding.logical import Rules
 from jaxpo.train import inputs
 from jaxpo.train import state as state_lib
-from jaxpo.train import step as step_lib
-from jaxpo.train.config import build_objective
+from jaxpo.train.checkpoint import Checkpointer, abstract_like
+from jaxpo.train.loss_inputs import LogpSpec
 from jaxpo.train.optim import make_optimizer
+from jaxpo.train.step import StepSpec, make_eval_step, make_train_step
 
 
-@dataclasses.dataclass
+def build_objective(config: Config) -> tuple[losses.Objective, dict[str, Any]]:
+    """The configured objective and its hyperparameter overrides (errors name the field)."""
+    loss = config.loss
+    try:
+        return losses.build(loss.name, hparams=loss.hyperparameters(), modifier=loss.modifier)
+    except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from None
+
+
+def check(config: Config, objective: losses.Objective) -> None:
+    """Raises ``ValueError`` (naming the config fields) when the run cannot work as configured:
+    an unknown model preset, an objective without the reference or the data kind it needs."""
+    if not config.model.path and not config.model.init_from and (
+            config.model.preset not in preset_names()):
+        raise ValueError(f"config.model.preset={config.model.preset!r} is not a model preset; "
+                         f"choose from {preset_names()} or set config.model.path")
+    mode = config.reference.mode
+    if objective.needs_reference and mode == "none":
+        raise ValueError(
+            f"config.loss.name={objective.name!r} needs a reference, but "
+            "config.reference.mode='none'; set config.reference.mode=model (or precomputed), "
+            "or choose a reference-free loss (simpo, orpo, cpo, triple_po, pro)")
+    if objective.level == "token" and objective.needs_reference and mode != "model":
+        raise ValueError(
+            f"config.loss.name={objective.name!r} is token-level: it needs the reference "
+            f"model's per-token distributions, but config.reference.mode={mode!r}; set "
+            "config.reference.mode=model")
+    if objective.needs_reference and mode == "precomputed" and config.data.max_steps > 1:
+        raise ValueError("config.reference.mode='precomputed' stores whole-response log-probs; "
+                         "with config.data.max_steps > 1 (tree steps) use reference.mode=model")
+    kind = config.data.format
+    if kind != "auto" and kind not in objective.kinds:
+        raise ValueError(f"config.data.format={kind!r} is not supported by config.loss.name="
+                         f"{objective.name!r}; it trains on {list(objective.kinds)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
     """The static parts of a run (see the module docstring)."""
 
-    config: Any
+    config: Config
     mesh: Mesh
-    rules: Any
+    rules: Rules
     tokenizer: Tokenizer
     model_cfg: ModelConfig
-    graphdef: nnx.GraphDef
     abstract_params: Any
-    objective: losses.Objective
-    hparams: dict[str, Any]
-    sft_calls: int  # step calls of the SFT phase
-    total_calls: int  # step calls of the whole run
-    tx: dict[str, optax.GradientTransformation]  # per phase
-    schedule: dict[str, optax.Schedule]
-    shardings: dict[str, state_lib.TrainState]  # per phase
-
-    def phase(self, step: int) -> str:
-        """The phase of step call ``step`` (0-based)."""
-        return "sft" if step < self.sft_calls else "pref"
-
-    def checkpoint_phase(self, step: int) -> str:
-        """The phase whose optimizer state a checkpoint taken after ``step`` calls holds."""
-        return "sft" if 0 < step <= self.sft_calls else "pref"
+    spec: StepSpec
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: state_lib.TrainState
 
     @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
+    def graphdef(self) -> nnx.GraphDef:
+        return self.spec.logp.graphdef
+
+    @property
+    def objective(self) -> losses.Objective:
+        return self.spec.objective
+
+    @property
+    def reference_mode(self) -> str:
+        """The reference actually used: ``none`` when the objective needs none."""
+        return self.spec.logp.reference_mode
 
     @property
     def num_nodes(self) -> int:
-        return inputs.node_slots(self.config)
+        return self.spec.logp.num_nodes
+
+    @property
+    def label_mapping(self) -> str:
+        """``data.label_mapping``, else the objective's own (``minmax`` when it has none)."""
+        return self.config.data.label_mapping or self.objective.labels or "minmax"
 
     def initial_params(self) -> Any:
-        """The model's initial params (a Hugging Face checkpoint, or the seeded init), sharded."""
-        shardings = self.shardings["pref"].params
-        if self.config.model.path:
-            model = load_hf(self.config.model.path, dtype=self.model_cfg.dtype,
+        """The policy's initial params, sharded: ``model.init_from``'s newest checkpoint, else
+        the Hugging Face checkpoint in ``model.path``, else the seeded init."""
+        shardings = self.state_shardings.params
+        m = self.config.model
+        if m.init_from:
+            return _params_of_run(m.init_from, abstract_like(self.abstract_params, shardings))
+        if m.path:
+            model = load_hf(m.path, dtype=self.model_cfg.dtype,
                             param_dtype=self.model_cfg.param_dtype, remat=self.model_cfg.remat)
             return jax.device_put(state_lib.split_model(model)[1], shardings)
         cfg, seed = self.model_cfg, self.config.train.seed
@@ -80,79 +129,63 @@ class Run:
 
         return jax.jit(init, out_shardings=shardings)()
 
-    def new_state(self, params: Any, phase: str) -> state_lib.TrainState:
-        """A fresh state (step 0, new optimizer state of ``phase``) around a copy of ``params``
-        (new buffers: ``params`` stay valid when the state is donated)."""
-        tx = self.tx[phase]
-        return jax.jit(lambda p: state_lib.new_state(jax.tree.map(jnp.copy, p), tx),
-                       out_shardings=self.shardings[phase])(params)
+    def reference_params(self, params: Any) -> Any:
+        """The frozen reference for ``reference_mode="model"`` (the initial policy params, which
+        the donated train state no longer owns: :meth:`new_state` copies them), else None."""
+        return params if self.reference_mode == "model" else None
 
-    def train_step(self, phase: str, batch_shardings: Any):
-        """The compiled step of ``phase``: ``(state, ref_params, batch) -> (state, metrics)``."""
-        if phase == "sft":
-            objective, hparams, mode = losses.get("sft"), {}, "none"
-        else:
-            objective, hparams, mode = self.objective, self.hparams, self.config.reference.mode
-        accum = self.config.optim.grad_accum_steps
-        start = self.sft_calls if phase == "pref" else 0
-        schedule = self.schedule[phase]
-        ref_shardings = self.shardings["pref"].params if mode == "model" else None
-        return step_lib.make_train_step(
-            self.graphdef, objective, self.tx[phase],
-            lambda step: schedule((step - start) // accum),
-            hparams=hparams, reference_mode=mode, num_nodes=self.num_nodes,
-            chunk_size=self.config.model.logprob_chunk_size, metrics_beta=self.metrics_beta,
-            mesh=self.mesh, rules=self.rules, state_shardings=self.shardings[phase],
-            ref_shardings=ref_shardings, batch_shardings=batch_shardings)
+    def new_state(self, params: Any) -> state_lib.TrainState:
+        """A fresh state (step 0, new optimizer state) around a copy of ``params`` (new
+        buffers: ``params`` stay valid when the state is donated)."""
+        return jax.jit(lambda p: state_lib.new_state(jax.tree.map(jnp.copy, p), self.tx),
+                       out_shardings=self.state_shardings)(params)
+
+    def abstract_state(self) -> state_lib.TrainState:
+        """The state's structure with shardings (for restoring a checkpoint)."""
+        abstract = jax.eval_shape(lambda p: state_lib.new_state(p, self.tx), self.abstract_params)
+        return abstract_like(abstract, self.state_shardings)
+
+    def train_step(self, batch_shardings: Any = None):
+        """The compiled step: ``(state, ref_params, batch) -> (state, metrics)``."""
+        ref_shardings = self.state_shardings.params if self.reference_mode == "model" else None
+        return make_train_step(self.spec, self.tx, schedule=self.schedule,
+                               state_shardings=self.state_shardings,
+                               ref_shardings=ref_shardings, batch_shardings=batch_shardings)
 
     def eval_step(self):
-        return step_lib.make_eval_step(
-            self.graphdef, self.objective, hparams=self.hparams,
-            reference_mode=self.config.reference.mode, num_nodes=self.num_nodes,
-            chunk_size=self.config.model.logprob_chunk_size, metrics_beta=self.metrics_beta,
-            mesh=self.mesh, rules=self.rules)
-
-    @property
-    def metrics_beta(self) -> float:
-        """β of the implicit-reward metrics: the configured one, else the objective's default."""
-        if self.config.loss.beta is not None:
-            return float(self.config.loss.beta)
-        found = [h["beta"] for h in _component_hparams(self.objective) if "beta" in h]
-        return float(found[0]) if found else 1.0
+        """The compiled eval step: ``(params, ref_params, batch) -> metrics``."""
+        return make_eval_step(self.spec)
 
 
-def _component_hparams(objective: losses.Objective) -> list[dict[str, Any]]:
-    if objective.components:
-        return [dict(objective.hyperparameters.get(o.name, {})) for o, _ in objective.components]
-    return [dict(objective.hyperparameters)]
+def _params_of_run(workdir: str, abstract_params: Any) -> Any:
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise ValueError(f"config.model.init_from={workdir!r}: no checkpoints in that workdir")
+    ckpt = Checkpointer(workdir)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ValueError(f"config.model.init_from={workdir!r}: no checkpoint in that workdir")
+        return ckpt.restore_params(step, abstract_params)
+    finally:
+        ckpt.close()
 
 
-def build_run(config: Any, *, kind: str | None = None) -> Run:
+def build_run(config: Config) -> Run:
     """Builds the :class:`Run` of ``config`` (initialises multi-process JAX when configured)."""
+    objective, hparams = build_objective(config)
+    check(config, objective)
     maybe_initialize()
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = get_rules(config.mesh.rules)
     tokenizer = Tokenizer.from_dir(inputs.tokenizer_dir(config))
     model_cfg = inputs.model_config(config, tokenizer)
-    objective, hparams = build_objective(config.loss)
-    fmt = config.data.format
-    step_lib.check_objective(objective, config.reference.mode,
-                             kind or (None if fmt == "auto" else fmt))
-    if config.reference.mode == "precomputed" and config.data.max_steps > 1:
-        raise ValueError("config.reference.mode='precomputed' stores whole-response log-probs; "
-                         "with config.data.max_steps > 1 (tree steps) use reference.mode=model")
-    if config.reference.mode == "precomputed" and config.train.sft_warmup_steps:
-        raise ValueError("config.train.sft_warmup_steps > 0 makes the reference the warmed-up "
-                         "policy, which cannot be precomputed; use reference.mode=model")
     graphdef, abstract = state_lib.abstract_model(model_cfg)
-    accum = config.optim.grad_accum_steps
-    tx, schedule, shardings = {}, {}, {}
-    for phase, updates in (("sft", config.train.sft_warmup_steps), ("pref", config.train.steps)):
-        tx[phase], schedule[phase] = make_optimizer(config.optim, max(updates, 1))
-        shardings[phase] = state_lib.state_shardings(abstract, tx[phase], mesh, rules)
-    sft_calls = config.train.sft_warmup_steps * accum
+    tx, schedule = make_optimizer(config.optim, max(config.train.steps, 1))
+    mode = config.reference.mode if objective.needs_reference else "none"
+    logp = LogpSpec(graphdef, num_nodes=inputs.node_slots(config),
+                    chunk_size=config.model.logprob_chunk_size, reference_mode=mode)
+    spec = StepSpec(logp=logp, objective=objective, hparams=hparams,
+                    metrics_beta=losses.metrics_beta(objective, hparams), mesh=mesh, rules=rules)
     return Run(config=config, mesh=mesh, rules=rules, tokenizer=tokenizer, model_cfg=model_cfg,
-               graphdef=graphdef, abstract_params=abstract, objective=objective,
-               hparams=hparams, sft_calls=sft_calls,
-               total_calls=sft_calls + config.train.steps * accum, tx=tx, schedule=schedule,
-               shardings=shardings)
+               abstract_params=abstract, spec=spec, tx=tx, schedule=schedule,
+               state_shardings=state_lib.state_shardings(abstract, tx, mesh, rules))

@@ -28,16 +28,17 @@ class TrainState(NamedTuple):
     """What one train step reads and replaces (a pytree; donated to the step).
 
     Attributes:
-      step: int32 ``[]``, train steps taken (skipped ones included).
+      step: int32 ``[]``, optimiser updates taken (skipped ones included).
       params: the policy parameters (an ``nnx.State`` of ``nnx.Param``).
-      opt_state: the optax state.
-      skipped: int32 ``[]``, steps whose loss or gradient was non-finite (update skipped).
+      opt_state: the optax state (its ``apply_if_finite`` part counts skipped updates).
+      stats: running statistics some objectives read, float32 scalars: ``reward_mean`` and
+        ``reward_count`` (BCO's δ).
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
-    skipped: jax.Array
+    stats: dict[str, jax.Array]
 
 
 def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
@@ -50,9 +51,10 @@ def split_model(model: Transformer) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def new_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
-    """Step 0, no skipped steps, and a fresh optimizer state for ``params``."""
+    """Step 0, empty statistics, and a fresh optimizer state for ``params``."""
+    stats = {"reward_mean": jnp.zeros((), jnp.float32), "reward_count": jnp.zeros((), jnp.float32)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      skipped=jnp.zeros((), jnp.int32))
+                      stats=stats)
 
 
 def state_shardings(abstract_params: Any, tx: optax.GradientTransformation, mesh: Mesh,
@@ -68,25 +70,6 @@ def abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, Any]:
     """``(graphdef, abstract params)`` without allocating the weights."""
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
     return split_model(abstract)
-
-
-def init_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-               mesh: Mesh, rules: Rules) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-    """A fresh, sharded train state for a randomly initialised model.
-
-    Returns:
-      ``(graphdef, state, shardings)``; ``shardings`` is a :class:`TrainState` of
-      ``NamedSharding`` for ``jax.jit``.
-    """
-    graphdef, abstract = abstract_model(model_cfg)
-    shardings = state_shardings(abstract, tx, mesh, rules)
-
-    def init() -> TrainState:
-        model = Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
-        return new_state(split_model(model)[1], tx)
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings
 
 
 def copy_params(params: Any, shardings: Any) -> Any:

@@ -1,0 +1,271 @@
+"""From a packed batch to the :class:`jaxpo.losses.LossInputs` of an objective.
+
+Axis layout (docs/architecture.md §2): ``R`` rows of ``S`` tokens, ``N`` node slots per row,
+``NG`` group slots of ``K`` responses with ``M`` steps each.
+
+The objective says what it reads (:attr:`jaxpo.losses.Objective.needs`); :func:`batch_inputs`
+computes exactly that and nothing more:
+
+- always the policy's response log-probs ``[NG, K]`` and step log-probs ``[NG, K, M]``;
+- ``reference_logps``: the frozen reference model on the same batch under ``stop_gradient``
+  (``reference_mode="model"``), or ``batch["ref_logps"]`` (``"precomputed"``);
+- token arrays ``[NG, K, T]`` (``policy_token_logps``, ``token_kl``, ...) for token-level
+  objectives: one chunked pass over the vocabulary gives the policy's token log-probs,
+  ``log Σ_v p_v²`` and, with the reference model, its token log-probs and ``KL(π_ref ‖ π_θ)``;
+- ``step_similarity`` ``[NG, K, K, M]`` (TPO) from the policy's hidden states, only when
+  responses have more than one step;
+- ``kto_kl``: KTO's reference point, the batch mean policy − reference log-ratio.
+
+Running statistics (BCO's ``reward_mean``) live in the train state; the step fills them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpo import losses
+from jaxpo.models.logprobs import ResponseLogps, node_sums, response_logps, token_logps, token_stats
+
+Batch = Mapping[str, jax.Array]
+# Batch entries the step reads (others, e.g. group_id, stay on the host).
+BATCH_KEYS = ("tokens", "positions", "segment", "node_pre", "node_last", "pred_index",
+              "node_slot", "response_nodes", "scores", "response_mask", "group_mask")
+REFERENCE_KEYS = ("ref_logps", "ref_step_logps")
+_TOKEN_NAMES = {"logps": "policy_token_logps", "log_sq": "token_log_sum_sq_probs",
+                "ref_logps": "reference_token_logps", "kl": "token_kl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogpSpec:
+    """How log-probs are computed from a batch, fixed for a run.
+
+    Attributes:
+      graphdef: the policy's static structure (the reference shares it).
+      num_nodes: ``N``, node slots per row of the batches.
+      chunk_size: sequence positions per log-prob chunk (no ``[R, S, V]`` logits).
+      reference_mode: ``model``, ``precomputed`` or ``none``.
+    """
+
+    graphdef: nnx.GraphDef
+    num_nodes: int
+    chunk_size: int = 256
+    reference_mode: str = "model"
+
+
+def forward(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """``(hidden [R, S, D], unembedding [V, D])`` of a packed batch under ``params``."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden(batch["tokens"], batch["positions"], batch["segment"],
+                          batch["node_pre"], batch["node_last"])  # [R, S, D]
+    return hidden, model.unembedding()
+
+
+def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_nodes: int,
+                   chunk_size: int) -> ResponseLogps:
+    """Response and step log-probs of a packed batch under ``params``.
+
+    Returns:
+      :class:`ResponseLogps` with ``[NG, K]`` sums/counts and ``[NG, K, M]`` per step.
+    """
+    hidden, unembedding = forward(graphdef, params, batch)
+    logps = token_logps(hidden, unembedding, batch["tokens"], batch["pred_index"],
+                        chunk_size=min(chunk_size, batch["tokens"].shape[1]))  # [R, S]
+    return response_logps(logps, batch["node_slot"], batch["pred_index"],
+                          batch["response_nodes"], num_nodes)
+
+
+def _node_counts(batch: Batch, num_nodes: int) -> jax.Array:
+    """Scored tokens per node ``[R * N]`` (float32)."""
+    valid = batch["pred_index"] >= 0  # [R, S]
+    return node_sums(jnp.ones(valid.shape), batch["node_slot"], valid, num_nodes)
+
+
+def step_similarity(hidden: jax.Array, batch: Batch, num_nodes: int) -> jax.Array:
+    """TPO's step similarity ``S [NG, K, K, M]``, under stop-gradient.
+
+    ``S[g, i, j, m]`` is the cosine similarity of the mean policy hidden states (over the
+    node's scored tokens) of step ``m`` of responses ``i`` and ``j``, clipped to ``[0, 1]``;
+    exactly 1 where the step is the same tree node in both, 0 where either step is missing.
+
+    Args:
+      hidden: policy hidden states ``[R, S, D]``.
+      batch: the packed batch (``node_slot``, ``pred_index``, ``response_nodes``).
+      num_nodes: ``N``, node slots per row.
+    """
+    hidden = jax.lax.stop_gradient(hidden).astype(jnp.float32)
+    valid = batch["pred_index"] >= 0  # [R, S]
+    hidden = jnp.where(valid[..., None], hidden, 0.0)
+
+    def row_sums(h, s):
+        return jax.ops.segment_sum(h, s, num_segments=num_nodes)  # [N, D]
+
+    sums = jax.vmap(row_sums)(hidden, batch["node_slot"])  # [R, N, D]
+    counts = _node_counts(batch, num_nodes)  # [R * N]
+    means = sums.reshape(-1, sums.shape[-1]) / jnp.maximum(counts, 1.0)[:, None]  # [R * N, D]
+    nodes = batch["response_nodes"]  # [NG, K, M]
+    steps = means[jnp.maximum(nodes, 0)]  # [NG, K, M, D]
+    norms = jnp.linalg.norm(steps, axis=-1, keepdims=True)
+    unit = steps / jnp.maximum(norms, 1e-12)
+    cosine = jnp.einsum("gimd,gjmd->gijm", unit, unit)  # [NG, K, K, M]
+    real = nodes >= 0  # [NG, K, M]
+    both = real[:, :, None, :] & real[:, None, :, :]  # [NG, K, K, M]
+    same = (nodes[:, :, None, :] == nodes[:, None, :, :]) & both
+    return jnp.where(same, 1.0, jnp.where(both, jnp.clip(cosine, 0.0, 1.0), 0.0))
+
+
+def response_tokens(values: Mapping[str, jax.Array], batch: Batch, num_nodes: int,
+                    length: int) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Gathers per-token row values into per-response token arrays.
+
+    Response ``k`` of group ``g`` reads its steps' tokens one after the other: step ``m`` is
+    node ``response_nodes[g, k, m]``, whose scored tokens are contiguous in its row from the
+    node's first scored position.
+
+    Args:
+      values: name → ``[R, S]`` per-token values (0 at unscored tokens).
+      batch: the packed batch (``node_slot``, ``pred_index``, ``response_nodes``,
+        ``response_mask``).
+      num_nodes: ``N``, node slots per row.
+      length: ``T``, token positions per response (longer responses are cut).
+
+    Returns:
+      ``(name → [NG, K, T] values, 0 past the response's end; token_mask bool [NG, K, T])``.
+    """
+    node_slot = batch["node_slot"]
+    seq = node_slot.shape[1]
+    valid = batch["pred_index"] >= 0  # [R, S]
+    index = jnp.where(valid, jnp.arange(seq, dtype=jnp.int32)[None, :], seq)  # [R, S]
+
+    def row_starts(i, s):
+        return jax.ops.segment_min(i, s, num_segments=num_nodes)  # [N]
+
+    starts = jax.vmap(row_starts)(index, node_slot).reshape(-1)  # [R * N]
+    counts = _node_counts(batch, num_nodes).astype(jnp.int32)  # [R * N]
+    nodes = batch["response_nodes"]  # [NG, K, M]
+    ids = jnp.maximum(nodes, 0)
+    real = (nodes >= 0) & batch["response_mask"].astype(bool)[..., None]  # [NG, K, M]
+    step_count = jnp.where(real, counts[ids], 0)  # [NG, K, M]
+    step_start = jnp.where(real, starts[ids], 0)  # [NG, K, M]
+    step_end = jnp.cumsum(step_count, axis=-1)  # [NG, K, M] end of each step in the response
+    t = jnp.arange(length, dtype=jnp.int32)  # [T]
+    step = jnp.sum(t[:, None] >= step_end[..., None, :], axis=-1)  # [NG, K, T]
+    step = jnp.minimum(step, nodes.shape[-1] - 1)
+
+    def at_step(x):  # [NG, K, M] -> [NG, K, T]
+        return jnp.take_along_axis(x, step, axis=-1)
+
+    mask = t < step_end[..., -1:]  # [NG, K, T]
+    position = at_step(step_start) + t - at_step(step_end - step_count)  # [NG, K, T]
+    flat = at_step(ids // num_nodes) * seq + jnp.clip(position, 0, seq - 1)
+    flat = jnp.where(mask, flat, 0)  # [NG, K, T] into [R * S]
+    out = {name: jnp.where(mask, v.reshape(-1)[flat], 0.0) for name, v in values.items()}
+    return out, mask
+
+
+def _reference(spec: LogpSpec, ref_params: Any, batch: Batch
+               ) -> tuple[jax.Array, jax.Array]:
+    """``(ref_logps [NG, K], ref_step_logps [NG, K, M])`` of the configured reference."""
+    if spec.reference_mode == "model":
+        ref = sequence_logps(spec.graphdef, jax.lax.stop_gradient(ref_params), batch,
+                             num_nodes=spec.num_nodes, chunk_size=spec.chunk_size)
+        # The reference is frozen.
+        return jax.lax.stop_gradient(ref.logps), jax.lax.stop_gradient(ref.step_logps)
+    if spec.reference_mode == "precomputed":
+        if "ref_logps" not in batch:
+            raise ValueError("reference.mode='precomputed' but the batch has no 'ref_logps'; "
+                             "run `jaxpo precompute-ref` and set reference.cache_dir")
+        steps = batch.get("ref_step_logps")
+        if steps is None:  # one step per response: the whole response
+            steps = jnp.zeros(batch["response_nodes"].shape, jnp.float32)
+            steps = steps.at[..., 0].set(batch["ref_logps"])
+        return batch["ref_logps"], steps
+    raise ValueError(f"reference.mode={spec.reference_mode!r} gives no reference log-probs")
+
+
+def batch_inputs(spec: LogpSpec, objective: losses.Objective, params: Any, ref_params: Any,
+                 batch: Batch) -> losses.LossInputs:
+    """Runs the policy (and the reference) on ``batch`` and builds what ``objective`` needs.
+
+    Args:
+      spec: the run's log-prob settings.
+      objective: from :func:`jaxpo.losses.build`; its ``needs`` decide what is computed.
+      params: the policy params.
+      ref_params: the frozen reference params (``reference_mode="model"``), else None.
+      batch: the packed batch (:data:`BATCH_KEYS`, plus :data:`REFERENCE_KEYS` when
+        precomputed).
+    """
+    needs = objective.needs
+    hidden, unembedding = forward(spec.graphdef, params, batch)  # [R, S, D], [V, D]
+    tokens, pred_index = batch["tokens"], batch["pred_index"]
+    chunk = min(spec.chunk_size, tokens.shape[1])
+    path = (batch["node_slot"], pred_index, batch["response_nodes"], spec.num_nodes)
+    wants_reference = "reference_logps" in needs
+    fields: dict[str, Any] = {}
+    reference = None
+    if objective.level == "token":
+        ref_arrays = {}
+        if wants_reference and spec.reference_mode == "model":
+            ref_hidden, ref_unembedding = forward(spec.graphdef,
+                                                  jax.lax.stop_gradient(ref_params), batch)
+            ref_arrays = {"ref_hidden": ref_hidden, "ref_unembedding": ref_unembedding}
+        stats = token_stats(hidden, unembedding, tokens, pred_index, chunk_size=chunk,
+                            with_sq="token_log_sum_sq_probs" in needs,
+                            **ref_arrays)  # each [R, S]
+        policy = response_logps(stats["logps"], *path)
+        if ref_arrays:  # token_stats holds the reference under stop_gradient
+            ref = response_logps(stats["ref_logps"], *path)
+            reference = (ref.logps, ref.step_logps)
+        gathered, mask = response_tokens({_TOKEN_NAMES[k]: v for k, v in stats.items()},
+                                         batch, spec.num_nodes, tokens.shape[1])  # [NG, K, T]
+        fields.update(gathered, token_mask=mask)
+    else:
+        logps = token_logps(hidden, unembedding, tokens, pred_index, chunk_size=chunk)  # [R, S]
+        policy = response_logps(logps, *path)
+    if wants_reference and reference is None:
+        reference = _reference(spec, ref_params, batch)
+    if "step_similarity" in needs and batch["response_nodes"].shape[-1] > 1:
+        fields["step_similarity"] = step_similarity(hidden, batch, spec.num_nodes)
+    return loss_inputs(policy, reference, batch, kto_kl="kto_kl" in needs, **fields)
+
+
+def loss_inputs(policy: ResponseLogps, reference: tuple[jax.Array, jax.Array] | None,
+                batch: Batch, *, kto_kl: bool = False, **fields: Any) -> losses.LossInputs:
+    """The :class:`jaxpo.losses.LossInputs` of policy (and reference) log-probs on ``batch``.
+
+    ``fields`` are further LossInputs fields (``step_similarity [NG, K, K, M]``, token arrays
+    ``[NG, K, T]``). Without a step similarity, steps that are the same tree node in two
+    responses have similarity 1 and all others 0.
+    """
+    nodes = batch["response_nodes"]  # [NG, K, M]
+    response_mask = batch["response_mask"].astype(bool)  # [NG, K]
+    group_mask = batch["group_mask"].astype(bool)  # [NG]
+    step_mask = (nodes >= 0) & response_mask[..., None]  # [NG, K, M]
+    if "step_similarity" not in fields:
+        same = (nodes[:, :, None, :] == nodes[:, None, :, :]) & (nodes[:, :, None, :] >= 0)
+        fields["step_similarity"] = same.astype(jnp.float32)
+    ref_logps = ref_steps = None
+    if reference is not None:
+        ref_logps, ref_steps = reference
+        if kto_kl:
+            # KTO's reference point z0: the batch mean log-ratio, a constant (clamped in kto).
+            real = response_mask & group_mask[:, None]
+            diff = jnp.where(real, policy.logps - ref_logps, 0.0)
+            fields["kto_kl"] = jax.lax.stop_gradient(jnp.sum(diff) / jnp.maximum(jnp.sum(real), 1))
+    return losses.LossInputs(
+        policy_logps=policy.logps,
+        scores=batch["scores"].astype(jnp.float32),
+        num_tokens=policy.token_counts,
+        response_mask=response_mask,
+        group_mask=group_mask,
+        reference_logps=ref_logps,
+        policy_step_logps=policy.step_logps,
+        reference_step_logps=ref_steps,
+        step_mask=step_mask,
+        **fields,
+    )

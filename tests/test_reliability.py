@@ -1,0 +1,128 @@
+"""Bad inputs and faults through the `jaxpo` command: each ends in a clear message and a
+meaningful exit status, never a hang, a traceback or a silent wrong run (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxpo import cli
+from jaxpo.config import Config, replace
+from jaxpo.data.errors import Where
+from jaxpo.data.sources import RawRecord
+from jaxpo.data.tokenize import Tokenizer
+from jaxpo.tasks import synthetic
+from jaxpo.train import inputs, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET = f"--config={ROOT}/configs/dpo_tiny.py"
+SMALL = ["--config.data.batch_size=4", "--config.train.eval_batches=1",
+         "--config.optim.warmup_steps=0"]
+
+
+def _train(workdir, *extra) -> int:
+    return cli.main(["train", PRESET, f"--workdir={workdir}", "--no-progress", *SMALL, *extra])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.optim.learning_rate=nan", "config.optim.learning_rate='nan' must be a finite"),
+    ("--config.optim.learning_rate=inf", "config.optim.learning_rate='inf' must be a finite"),
+    ("--config.loss.beta=nan", "config.loss.beta='nan' must be a finite number"),
+])
+def test_non_finite_config_values_are_errors(override, message, tmp_path, capsys):
+    assert _train(tmp_path / "w", override) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_run_that_stays_non_finite_stops_with_exit_1(tmp_path, capsys):
+    """A learning rate of 1e30 blows the weights up after one update; every later loss is NaN,
+    each update is skipped, and after train.max_skipped_steps in a row the run stops."""
+    workdir = tmp_path / "w"
+    status = _train(workdir, "--config.optim.name=sgd", "--config.optim.learning_rate=1e30",
+                    "--config.optim.max_grad_norm=0", "--config.train.steps=20",
+                    "--config.train.max_skipped_steps=3", "--config.train.checkpoint_every=100")
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "was non-finite for 3 updates in a row" in err and "step 4:" in err
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["skipped_steps"] == 3.0 and records[-1]["nonfinite_streak"] == 3.0
+    assert not (workdir / "checkpoints" / "4").exists()  # nothing saved from the bad updates
+
+
+def test_resume_trims_a_metrics_line_cut_by_a_kill(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert _train(workdir, "--config.train.steps=2", "--config.train.checkpoint_every=2") == 0
+    path = workdir / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 0.6')  # a kill mid-write
+    assert _train(workdir, "--config.train.steps=3") == 0
+    records = [json.loads(x) for x in path.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_a_fresh_run_moves_old_metrics_aside(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    assert _train(workdir, "--config.train.steps=1") == 0
+    assert (workdir / "metrics.jsonl.1").read_text() == '{"step": 1, "loss": 9.0}\n'
+
+
+def test_eval_of_own_model_and_data_has_no_demo_limits(tmp_path, capsys):
+    """Without --config the defaults apply (rows of 512 tokens, no prompt limit), not the
+    demo's 32/16: nothing is cut, and a cut would be reported."""
+    data = tmp_path / "pairs.jsonl"
+    long_prompt = "sort: " + " ".join("abcdefghij" * 3)
+    rows = [{"prompt": long_prompt + " ->", "chosen": " a b", "rejected": " b a"}] * 4
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model_dir = tmp_path / "model"
+    export = cli.main(["export", f"--out={model_dir}", "--untrained"])
+    assert export == 0
+    capsys.readouterr()
+    assert cli.main(["eval", f"--config.model.path={model_dir}",
+                     f"--config.data.eval_files={data}", "--config.data.format=pair"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert metrics["eval/groups"] == 4 and "cut" not in captured.err
+    # With a prompt limit, the cut is reported once, with counts, and in the metrics.
+    assert cli.main(["eval", f"--config.model.path={model_dir}",
+                     f"--config.data.eval_files={data}", "--config.data.format=pair",
+                     "--config.data.max_prompt_length=8"]) == 0
+    captured = capsys.readouterr()
+    assert "the length limits cut 4 prompts" in captured.err
+    assert json.loads(captured.out)["eval/data/truncated/prompt"] == 4.0
+
+
+def test_sigterm_exits_143_after_saving(tmp_path, monkeypatch, capsys):
+    """A pre-empted run (SIGTERM: the flag is set) saves after the current update and exits
+    128 + 15, so a scheduler can tell pre-emption from completion."""
+    monkeypatch.setattr(loop._Flag, "is_set", lambda self: True)
+    workdir = tmp_path / "w"
+    assert _train(workdir, "--config.train.steps=5") == cli.PREEMPTED == 143
+    assert os.path.isdir(workdir / "checkpoints" / "1")
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["preempted"] is True
+
+
+def test_missing_model_path_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "no_such_model"
+    assert cli.main(["eval", f"--config.model.path={missing}",
+                     "--config.data.eval_files=x.jsonl"]) == 2
+    assert f"config.model.path='{missing}': no such directory" in capsys.readouterr().err
+
+
+def test_reference_table_too_short_is_a_friendly_error():
+    """The bounds check comes before the table is indexed, so its message can fire."""
+    tok = Tokenizer.from_dir(synthetic.tokenizer_dir())
+    cfg = replace(Config(), {"data": {"format": "pair", "max_length": 64}})
+    builder = inputs.WithReference(inputs.group_builder(cfg, tok, "minmax"),
+                                   np.zeros((1, 2), np.float32))
+    record = {"prompt": "sort: b a ->", "chosen": " a b", "rejected": " b a"}
+    assert builder.build(RawRecord(0, record, Where("f.jsonl", 1))).group is not None
+    with pytest.raises(ValueError, match="reference cache has no log-probs for record 5"):
+        builder.build(RawRecord(5, record, Where("f.jsonl", 6)))

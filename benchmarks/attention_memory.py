@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled
-from jaxpo.models.attention import Attention, TreeLayout, tree_attention  # noqa: E402
-from jaxpo.models.config import ModelConfig  # noqa: E402
+from jaxpo.models.attention import Attention, TreeLayout, tree_attention
+from jaxpo.models.config import ModelConfig
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 4096, 32, 8, 128
@@ -96,7 +96,10 @@ def layer_case(cfg: ModelConfig, seq: int, concrete: bool):
     layout = TreeLayout(*(jnp.asarray(row[n]) for n in ("segment", "node_pre", "node_last")))
     positions = jnp.asarray(row["positions"])
     real = layout.segment[..., None] != 0  # [1, S, 1]
-    make = lambda: Attention(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+
+    def make():
+        return Attention(cfg, rngs=nnx.Rngs(0))
+
     graphdef, params = nnx.split(make() if concrete else nnx.eval_shape(make))
 
     def loss(params, x, w):
@@ -210,7 +213,7 @@ def print_row(r):
               else f"{'-':>8} {'-':>8}")
     ratio = r.get("peak_vs_dense", r.get("time_vs_dense"))
     print(f"{r['case']:>9} {r['seq']:>6} {r['variant']:>9} {r['heads']:>3}/{r['kv_heads']:<2} "
-          f"{str(r['block'] or '-'):>5} {r['peak_bytes'] / gib:>9.3f} "
+          f"{r['block'] or '-'!s:>5} {r['peak_bytes'] / gib:>9.3f} "
           f"{r['temp_bytes'] / gib:>9.3f} "
           f"{timing} {'' if ratio is None else f'{ratio:.4f}':>9}", flush=True)
 

@@ -116,7 +116,7 @@ def run(cases, vocabs, seq, dim, chunk_sizes, repeats, on_row=lambda rows: None)
         for vocab in vocabs:
             variants = [("unchunked", None, unchunked_logps)]
             for c in chunk_sizes:
-                fn = lambda h, w, t, p, c=c: token_logps(h, w, t, p, chunk_size=c)  # noqa: E731
+                fn = lambda h, w, t, p, c=c: token_logps(h, w, t, p, chunk_size=c)
                 variants.append(("chunked", c, fn))
             base, values = None, {}
             for name, chunk, fn in variants:
@@ -149,7 +149,7 @@ def print_header():
 def print_row(r):
     mib = 1 << 20
     print(f"{r['case']:>7} {r['vocab']:>7} {r['seq']:>5} {r['dim']:>4} {r['variant']:>9} "
-          f"{str(r['chunk_size'] or '-'):>5} {r['peak_bytes'] / mib:>9.1f} "
+          f"{r['chunk_size'] or '-'!s:>5} {r['peak_bytes'] / mib:>9.1f} "
           f"{r['temp_bytes'] / mib:>9.1f} {r['peak_vs_unchunked']:>9.3f} "
           f"{r['seconds']:>7.3f} {r['time_vs_unchunked']:>9.3f} {r['cpu_seconds']:>7.2f} "
           f"{r['cpu_time_vs_unchunked']:>8.3f}", flush=True)

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -138,12 +139,21 @@ def is_demo(flags: dict[str, Any], overrides: list[str]) -> bool:
 # ----------------------------------------------------------------------------- commands
 
 
+def new_workdir(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that does not exist yet."""
+    path, n = base, 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
 def cmd_train(flags: dict[str, Any], overrides: list[str]) -> int:
     """Trains; with no --config, own data or own model, runs the embedded demo."""
     workdir = flags.get("workdir")
     progress = not flags.get("no_progress", False)
     if is_demo(flags, overrides):
-        workdir = workdir or demo.new_workdir()
+        workdir = workdir or new_workdir(demo.WORKDIR)
         print(f"jaxpo {jaxpo.__version__}: the embedded demo (workdir {workdir})")
         sft_steps = int(flags.get("sft_steps", demo.SFT_STEPS))
         summary = demo.run(workdir, overrides, sft_steps=sft_steps, progress=progress)["summary"]
@@ -151,9 +161,10 @@ def cmd_train(flags: dict[str, Any], overrides: list[str]) -> int:
     if "sft_steps" in flags:
         raise UsageError("--sft_steps applies to the embedded demo only")
     config = resolve_config(flags, overrides)
-    if not workdir:
+    if not workdir:  # a new directory: never silently resume another run
         stem = os.path.splitext(os.path.basename(flags.get("config") or "run"))[0]
-        workdir = os.path.join("runs", stem)
+        workdir = new_workdir(os.path.join("runs", stem))
+        print(f"workdir: {workdir}")
     summary = loop.train(config, workdir, progress=progress)
     plot_path = _try_plot(workdir)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("final", "eval")}))
@@ -186,10 +197,12 @@ def cmd_precompute_ref(flags: dict[str, Any], overrides: list[str]) -> int:
 
 def cmd_export(flags: dict[str, Any], overrides: list[str]) -> int:
     """Writes the trained policy as a Hugging Face checkpoint (plus tokenizer files)."""
+    out = flags["out"]
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out={out} is a file; give a directory to write the model into")
     config = resolve_config(flags, overrides)
     model, step = loop.load_policy(config, flags.get("workdir"),
                                    untrained=flags.get("untrained", False))
-    out = flags["out"]
     files = export_hf(model, out, dtype=flags.get("dtype"))
     tok_dir = inputs.tokenizer_dir(config)
     copied = []
@@ -266,11 +279,11 @@ def _raised_by_jaxpo(error: BaseException) -> bool:
     config field, file or record), not inside JAX or another library (a bug to report)."""
     if isinstance(error, UsageError):
         return True
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
-        return False
+    stdlib = sysconfig.get_paths()["stdlib"] + os.sep
+    frames = [os.path.abspath(f.filename) for f in traceback.extract_tb(error.__traceback__)]
+    frames = [f for f in frames if not f.startswith(stdlib)]  # open(), os.makedirs(), ...
     package = os.path.dirname(os.path.abspath(jaxpo.__file__))
-    return os.path.abspath(frames[-1].filename).startswith(package + os.sep)
+    return bool(frames) and frames[-1].startswith(package + os.sep)
 
 
 if __name__ == "__main__":

@@ -221,7 +221,7 @@ class OptimConfig:
     schedule: str = "cosine"  # decay after warmup: cosine|linear|constant
     warmup_steps: int = 0  # linear warmup from 0 to learning_rate
     max_grad_norm: float = 1.0  # global-norm clipping; 0 = no clipping
-    grad_accum_steps: int = 1  # micro-batches per update (optax.MultiSteps)
+    grad_accum_steps: int = 1  # micro-batches per update (a scan inside the jitted step)
 
     def __post_init__(self):
         _finite("optim", self)
@@ -271,6 +271,9 @@ class TrainConfig:
     # Stop (non-zero exit, last good checkpoint kept) after this many consecutive steps with a
     # non-finite loss or gradient; each such step is skipped and counted.
     max_skipped_steps: int = 10
+    # Resume a workdir whose stored config differs in more than the keys that are safe to change
+    # (steps, logging, checkpoints, evaluation): see jaxpo.train.loop.SAFE_TO_CHANGE.
+    allow_config_change: bool = False
 
     def __post_init__(self):
         _finite("train", self)

@@ -54,15 +54,6 @@ MAX_NEW_TOKENS = 8  # the longest answer is 5 letters + a stutter + EOS
 STAGES = ("initial model", "after SFT warm-up", "after DPO")
 
 
-def new_workdir(base: str = WORKDIR) -> str:
-    """``base``, or ``base-2``, ``base-3``, ... : the first that does not exist yet."""
-    path, n = base, 1
-    while os.path.exists(path):
-        n += 1
-        path = f"{base}-{n}"
-    return path
-
-
 def configs(workdir: str, overrides: Sequence[str] = (), *, sft_steps: int = SFT_STEPS
             ) -> tuple[config_lib.Config, config_lib.Config]:
     """``(sft config, dpo config)`` of the demo in ``workdir``, with ``overrides`` applied to

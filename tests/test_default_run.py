@@ -6,26 +6,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
-from jaxpo import demo
+from jaxpo import cli, demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _compilation_cache(tmp_path_factory):
-    """The warm-up and DPO calls rebuild identical eval programs: compile them once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
 
 
 def test_short_demo_is_two_ordinary_runs(tmp_path, monkeypatch, capsys):
@@ -66,9 +51,9 @@ def test_demo_configs_apply_only_to_the_demo(tmp_path):
 
 def test_new_workdir_never_reuses(tmp_path):
     base = str(tmp_path / "default")
-    assert demo.new_workdir(base) == base
+    assert cli.new_workdir(base) == base
     os.makedirs(base)
-    assert demo.new_workdir(base) == base + "-2"
+    assert cli.new_workdir(base) == base + "-2"
 
 
 @pytest.mark.slow

@@ -81,7 +81,7 @@ def test_wpo_weights_are_finite_for_extreme_inputs_and_jit_vmap_agree():
     eager = wpo_weights(lp, ls, where=mask)
     assert np.all(np.isfinite(eager)) and np.all(np.asarray(eager) >= 0.0)
     np.testing.assert_allclose(jax.jit(wpo_weights)(lp, ls, where=mask), eager, rtol=1e-6)
-    split = lambda x: x.reshape(3, N // 3, T)  # noqa: E731
+    split = lambda x: x.reshape(3, N // 3, T)
     mapped = jax.vmap(lambda a, b, m: wpo_weights(a, b, where=m))(split(lp), split(ls), split(mask))
     looped = jnp.stack([wpo_weights(split(lp)[i], split(ls)[i], where=split(mask)[i])
                         for i in range(3)])  # fmt: skip
@@ -176,11 +176,11 @@ def test_ld_logps_all_masked_give_zero_with_finite_gradients_and_jit_vmap_agree(
 
     grads = jax.grad(total, argnums=(0, 1))(chosen, rejected)
     assert all(np.all(np.asarray(g) == 0.0) for g in grads)
-    call = lambda c, r, m, n: ld_logps(c, r, chosen_mask=m, rejected_mask=n)  # noqa: E731
+    call = lambda c, r, m, n: ld_logps(c, r, chosen_mask=m, rejected_mask=n)
     eager = call(chosen, rejected, mc, mr)
     for j, e in zip(jax.jit(call)(chosen, rejected, mc, mr), eager):
         np.testing.assert_allclose(j, e, rtol=1e-6)
-    split = lambda x: x.reshape(3, N // 3, -1)  # noqa: E731
+    split = lambda x: x.reshape(3, N // 3, -1)
     args = [split(a) for a in (chosen, rejected, mc, mr)]
     mapped = jax.vmap(call)(*args)
     for k in range(2):

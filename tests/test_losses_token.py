@@ -135,7 +135,7 @@ def test_masked_tokens_change_neither_value_nor_gradient(name, garbage):
     _, _, pick, _ = CASES[name]
     clean, mc, mr = token_inputs(seed=2, garbage=0.0)
     dirty, _, _ = token_inputs(seed=2, garbage=garbage)
-    loss_sum = lambda *a: jnp.sum(jax_call(name, a, mc, mr))  # noqa: E731
+    loss_sum = lambda *a: jnp.sum(jax_call(name, a, mc, mr))
     argnums = tuple(range(len(pick(clean))))
     values, grads = [], []
     for arrays in (clean, dirty):
@@ -173,7 +173,7 @@ def test_jit_vmap_and_finiteness_at_extremes(name):
     grads = jax.grad(lambda *a: jnp.sum(call(*a, chosen_mask=mc, rejected_mask=mr)),
                      argnums=tuple(range(len(args))))(*args)  # fmt: skip
     assert all(np.all(np.isfinite(g)) for g in grads)
-    split = lambda x: jnp.asarray(x).reshape(3, N // 3, -1)  # noqa: E731
+    split = lambda x: jnp.asarray(x).reshape(3, N // 3, -1)
     b_args, b_mc, b_mr = [split(a) for a in args], split(mc), split(mr)
     mapped = jax.vmap(lambda a, m, r: call(*a, chosen_mask=m, rejected_mask=r))(b_args, b_mc, b_mr)
     looped = jnp.stack([call(*[a[i] for a in b_args], chosen_mask=b_mc[i], rejected_mask=b_mr[i])
@@ -188,7 +188,7 @@ def test_tdpo_variants_agree_in_value_at_alpha_one_but_tdpo2_stops_chosen_kl_gra
     v1 = tdpo(*args, chosen_mask=mc, rejected_mask=mr, variant=1)
     v2 = tdpo(*args, chosen_mask=mc, rejected_mask=mr, variant=2, alpha=1.0)
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
-    grad_kl = lambda v: jax.grad(  # noqa: E731
+    grad_kl = lambda v: jax.grad(
         lambda k: jnp.sum(tdpo(*args[:4], k, args[5], chosen_mask=mc, rejected_mask=mr,
                                variant=v, alpha=1.0)))(args[4])  # fmt: skip
     assert np.all(np.asarray(grad_kl(2)) == 0.0)

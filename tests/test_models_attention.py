@@ -99,13 +99,17 @@ def test_random_rows_have_segments_branches_and_padding():
 # S = 37 is not a multiple of any block; 64 > S is clipped. GQA, MHA, MQA.
 @pytest.mark.parametrize("block,heads,kv_heads", [(8, 4, 2), (16, 4, 4), (64, 4, 1), (8, 4, 1)])
 def test_blockwise_equals_dense_outputs_and_gradients(block, heads, kv_heads):
-    fn = lambda *a: blockwise_attention(*a, block=block)  # noqa: E731
+    def fn(*arrays):
+        return blockwise_attention(*arrays, block=block)
+
     _check_against_dense(fn, block + heads + kv_heads, 3, 37, heads, kv_heads)
 
 
 @pytest.mark.parametrize("block,heads,kv_heads", [(8, 4, 2), (16, 2, 1)])
 def test_pallas_interpret_equals_dense_outputs_and_gradients(block, heads, kv_heads):
-    fn = lambda *a: pallas_attention(*a, block=block, interpret=True)  # noqa: E731
+    def fn(*arrays):
+        return pallas_attention(*arrays, block=block, interpret=True)
+
     _check_against_dense(fn, block, 3, 37, heads, kv_heads)
 
 
@@ -200,6 +204,36 @@ def test_pallas_unsupported_names_blockwise(monkeypatch, backend, head_dim, matc
     with pytest.raises(ValueError, match=match) as err:
         check_supported(128, head_dim, None)
     assert "--config.model.attention=blockwise" in str(err.value)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_pallas_kernels_lower_for_gpu_and_tpu(monkeypatch, platform):
+    """Forward and backward lower to Triton (CUDA) and Mosaic (TPU) from this CPU-only machine.
+
+    Lowering checks what the kernels use is supported by each backend's Pallas lowering; it does
+    not compile or run them (that needs the device).
+    """
+    from jax import export
+
+    monkeypatch.setattr(jax, "default_backend", lambda: {"cuda": "gpu", "tpu": "tpu"}[platform])
+    if platform == "tpu":  # Mosaic asks the default device which TPU it targets
+        tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+        monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5p")
+        monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+    shapes = [(1, 256, h, 128) for h in (4, 2, 2)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    args += [jax.ShapeDtypeStruct((1, 256), jnp.int32)] * 3
+
+    def loss(q, k, v, *layout):
+        return jnp.sum(pallas_attention(q, k, v, *layout, block=128))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))
+
+    checks = [export.DisabledSafetyCheck.custom_call(name)
+              for name in ("__gpu$xla.gpu.triton", "tpu_custom_call")]
+    text = export.export(jax.jit(grads), platforms=[platform], disabled_checks=checks)(
+        *args).mlir_module()
+    assert text.count("tree_attention") >= 3  # forward, dQ and dK/dV kernels
 
 
 def test_cache_with_tree_layout_is_an_error():

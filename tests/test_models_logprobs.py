@@ -46,7 +46,7 @@ def test_token_logps_equals_log_softmax_gather(chunk_size):
 
 def test_token_logps_jit_equals_eager():
     args = _inputs(1)
-    f = lambda *a: lp.token_logps(*a, chunk_size=4)  # noqa: E731
+    f = lambda *a: lp.token_logps(*a, chunk_size=4)
     np.testing.assert_allclose(jax.jit(f)(*args), f(*args), atol=1e-6)
 
 

@@ -23,6 +23,10 @@ SMALL = ["--config.data.batch_size=4", "--config.train.eval_batches=1",
          "--config.optim.warmup_steps=0"]
 
 
+def _summary(out: str) -> dict:
+    return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+
+
 def _train(workdir, *extra) -> int:
     return cli.main(["train", PRESET, f"--workdir={workdir}", "--no-progress", *SMALL, *extra])
 
@@ -106,7 +110,7 @@ def test_sigterm_exits_143_after_saving(tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "w"
     assert _train(workdir, "--config.train.steps=5") == cli.PREEMPTED == 143
     assert os.path.isdir(workdir / "checkpoints" / "1")
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["preempted"] is True
+    assert _summary(capsys.readouterr().out)["preempted"] is True
 
 
 def test_missing_model_path_names_the_path(tmp_path, capsys):
@@ -126,3 +130,119 @@ def test_reference_table_too_short_is_a_friendly_error():
     assert builder.build(RawRecord(0, record, Where("f.jsonl", 1))).group is not None
     with pytest.raises(ValueError, match="reference cache has no log-probs for record 5"):
         builder.build(RawRecord(5, record, Where("f.jsonl", 6)))
+
+
+# ---------------------------------------------------------------- run integrity (a workdir
+# belongs to one run; no command silently uses the wrong weights, config or data)
+
+
+def test_a_second_run_on_a_locked_workdir_fails_at_once(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    with loop.WorkdirLock(str(workdir)):
+        assert _train(workdir, "--config.train.steps=1") == 2
+    err = capsys.readouterr().err
+    assert f"{workdir} is in use by another jaxpo run (pid {os.getpid()} on" in err
+    assert _train(workdir, "--config.train.steps=1") == 0  # released
+
+
+def test_resume_with_another_config_names_the_keys(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert _train(workdir, "--config.train.steps=1") == 0
+    capsys.readouterr()
+    assert _train(workdir, "--config.train.steps=1", "--config.optim.learning_rate=1e-2") == 2
+    err = capsys.readouterr().err
+    assert "optim.learning_rate: 0.001 -> 0.01" in err and "allow_config_change" in err
+    assert _train(workdir, "--config.train.steps=1", "--config.loss.name=ipo") == 2
+    assert "loss.name: 'dpo' -> 'ipo'" in capsys.readouterr().err
+    # Safe keys (more steps, logging) and an explicit allowance resume.
+    assert _train(workdir, "--config.train.steps=2", "--config.train.log_every=2") == 0
+    assert _train(workdir, "--config.train.steps=3", "--config.optim.learning_rate=1e-2",
+                  "--config.train.allow_config_change=true") == 0
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert _train(workdir, "--config.train.steps=2", "--config.train.checkpoint_every=1") == 0
+    for root, _, files in os.walk(workdir / "checkpoints" / "2" / "params"):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(max(os.path.getsize(f.name) // 2, 1))
+    capsys.readouterr()
+    assert _train(workdir, "--config.train.steps=3", "--config.train.checkpoint_every=1") == 0
+    captured = capsys.readouterr()
+    assert f"checkpoint {workdir}/checkpoints/2 cannot be read" in captured.err
+    assert (workdir / "corrupt_checkpoints" / "2").is_dir()  # kept, not deleted
+    assert _summary(captured.out)["resumed_from"] == 1
+
+
+def test_a_kind_the_objective_cannot_use_is_an_error(tmp_path, capsys):
+    data = tmp_path / "unpaired.jsonl"
+    data.write_text(json.dumps({"prompt": "sort: b a ->", "completion": " a b",
+                                "label": True}) + "\n")
+    status = cli.main(["train", PRESET, f"--workdir={tmp_path / 'w'}", "--no-progress",
+                       *SMALL, "--config.data.format=auto", f"--config.data.train_files={data}",
+                       f"--config.data.eval_files={data}"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"{data}:1" in err and "a unpaired record, but the objective trains on ['pair']" in err
+
+
+def test_a_bad_record_mid_run_saves_and_says_how_to_skip(tmp_path, capsys):
+    rows = [synthetic.pair_record(__import__("random").Random(i)) for i in range(12)]
+    rows[9] = {"prompt": "sort: a ->", "chosen": " a"}  # no 'rejected', met in update 3
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    workdir = tmp_path / "w"
+    args = [f"--config.data.train_files={data}", f"--config.data.eval_files={data}",
+            "--config.data.shuffle=false", "--config.train.steps=4",
+            "--config.train.checkpoint_every=100"]
+    assert _train(workdir, *args) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:10" in err and "progress up to update 2 is saved" in err
+    assert "--config.data.on_bad_record=skip" in err
+    assert _train(workdir, *args, "--config.data.on_bad_record=skip") == 0
+    out = _summary(capsys.readouterr().out)
+    assert out["resumed_from"] == 2 and out["step"] == 4
+
+
+def test_export_onto_a_file_is_an_error(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert cli.main(["export", f"--out={target}", "--untrained"]) == 2
+    assert f"--out={target} is a file" in capsys.readouterr().err
+
+
+def test_divergence_is_flagged():
+    logger = loop._Logger.__new__(loop._Logger)
+    logger.losses, logger.was_diverging = [], False
+    logger.bar = type("Bar", (), {"write": lambda self, text: None})()
+    flags = [logger._diverging(x) for x in [0.7, 0.69, 0.68, 0.7, 0.66, 0.65, 4e5, 0.6]]
+    assert flags == [False] * 6 + [True, False]
+
+
+def _train_on(tmp_path, path, capsys) -> str:
+    status = cli.main(["train", PRESET, f"--workdir={tmp_path / 'w'}", "--no-progress", *SMALL,
+                       f"--config.data.train_files={path}", f"--config.data.eval_files={path}"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    return err
+
+
+def test_deeply_nested_json_is_a_bad_record(tmp_path, capsys):
+    path = tmp_path / "deep.jsonl"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    err = _train_on(tmp_path, path, capsys)
+    assert f"{path}:1" in err and "nested too deeply" in err
+
+
+def test_corrupt_gzip_names_the_file(tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00garbage-not-deflate")
+    assert f"{path}: cannot read the jsonl.gz file" in _train_on(tmp_path, path, capsys)
+
+
+def test_corrupt_parquet_names_the_file(tmp_path, capsys):
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(b"PAR1 this is not parquet PAR1")
+    assert f"{path}: not a valid parquet file" in _train_on(tmp_path, path, capsys)

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxpo.config import Config, replace
 from jaxpo.models.hf_io import export_hf, load_hf
 from jaxpo.train import loop
-from jaxpo.config import Config, replace
 
 # kind -> (loss, K, M, layout)
 KINDS = {
@@ -23,21 +22,6 @@ KINDS = {
     "tree": ("tpo", 4, 5, "share_prefix"),
     "unpaired": ("kto", 1, 1, "padded"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: a resumed run, the evaluation and the
-    other kinds reuse the executables already compiled (same programs, new closures)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
 
 
 def _config(kind: str, steps: int) -> Config:

@@ -69,10 +69,13 @@ class GroupBuilder:
       label_mapping: scores → ψ (:data:`jaxpo.data.labels.MAPPINGS`) when
         ``cfg.label_mapping`` is empty: the objective's own mapping, which the trainer passes.
         If both are empty, ``minmax``.
+      kinds: the group kinds the objective trains on; a record of another kind is a bad
+        record (``kind_not_trainable``: an error naming the file and line, or skipped and
+        counted). None accepts every kind.
     """
 
     def __init__(self, tokenizer: Tokenizer, cfg: DataConfig, *,
-                 label_mapping: str | None = None):
+                 label_mapping: str | None = None, kinds: tuple[str, ...] | None = None):
         if not isinstance(cfg, DataConfig):
             raise TypeError(f"GroupBuilder: cfg must be a jaxpo.config.DataConfig, got "
                             f"{type(cfg).__name__}")
@@ -82,6 +85,7 @@ class GroupBuilder:
         if self.label_mapping not in labels.MAPPINGS:
             raise ValueError(f"label_mapping={self.label_mapping!r}: expected one of "
                              f"{labels.MAPPINGS}")
+        self.kinds = tuple(kinds) if kinds else None
         self.counters = RecordCounters()
 
     def __call__(self, raw: RawRecord | dict[str, Any]) -> TokenizedGroup | None:
@@ -96,8 +100,13 @@ class GroupBuilder:
         if raw.error is not None:
             raise raw.error
         cfg = self.cfg
-        return parse_record(raw.data, format=cfg.format, record_id=raw.id, where=raw.where,
-                            max_responses=cfg.max_responses, max_steps=cfg.max_steps)
+        record = parse_record(raw.data, format=cfg.format, record_id=raw.id, where=raw.where,
+                              max_responses=cfg.max_responses, max_steps=cfg.max_steps)
+        if self.kinds is not None and record.kind not in self.kinds:
+            raise BadRecordError(record.where, "kind", "kind_not_trainable",
+                                 f"a {record.kind} record, but the objective trains on "
+                                 f"{list(self.kinds)} (set data.format, or filter the data)")
+        return record
 
     def build(self, raw: RawRecord | dict[str, Any]) -> BuildResult:
         """The group and the counts for one record; raises only with ``on_bad_record="error"``."""

@@ -20,6 +20,7 @@ import bisect
 import dataclasses
 import glob
 import gzip
+import zlib
 import json
 import os
 from collections.abc import Sequence
@@ -149,13 +150,20 @@ class _Jsonl:
                 self._fh = open(self.path, "rb")  # noqa: SIM115  kept open for random reads
             self._fh.seek(start)
             line = self._fh.read(length)
-        try:
-            return json.loads(line), where
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return BadRecordError(where, "<record>", "bad_json", f"invalid JSON: {e}"), where
+        return _decode_json(line, where), where
 
     def __getstate__(self):
         return {**self.__dict__, "_fh": None, "_data": None}
+
+
+def _decode_json(data: bytes, where: Where) -> Any:
+    """A record's JSON, or a :class:`BadRecordError` for invalid or too deeply nested JSON."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return BadRecordError(where, "<record>", "bad_json", f"invalid JSON: {e}")
+    except RecursionError:
+        return BadRecordError(where, "<record>", "too_deep", "JSON nested too deeply to decode")
 
 
 class _Parquet:
@@ -208,10 +216,7 @@ class _ArrayRecord:
         raw = self._open().read([i])[0]
         if len(raw) > self.max_record_bytes:
             return _too_large(where, len(raw), self.max_record_bytes), where
-        try:
-            return json.loads(raw), where
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return BadRecordError(where, "<record>", "bad_json", f"invalid JSON: {e}"), where
+        return _decode_json(raw, where), where
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None}
@@ -275,12 +280,19 @@ def open_file(spec: str, max_record_bytes: int = DataConfig.max_record_bytes):
         reader = _Tfds(spec)
     else:
         kind = file_kind(spec)
-        if kind in ("jsonl", "jsonl.gz"):
-            reader = _Jsonl(spec, kind == "jsonl.gz", max_record_bytes)
-        elif kind == "parquet":
-            reader = _Parquet(spec)
-        else:
-            reader = _ArrayRecord(spec, max_record_bytes)
+        try:
+            if kind in ("jsonl", "jsonl.gz"):
+                reader = _Jsonl(spec, kind == "jsonl.gz", max_record_bytes)
+            elif kind == "parquet":
+                reader = _Parquet(spec)
+            else:
+                reader = _ArrayRecord(spec, max_record_bytes)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{spec}: cannot read the {kind} file: {e}") from None
+        except Exception as e:  # pyarrow.ArrowInvalid, array_record's status errors
+            if type(e).__module__.split(".")[0] not in ("pyarrow", "array_record"):
+                raise
+            raise ValueError(f"{spec}: not a valid {kind} file: {e}") from None
     if len(reader) == 0:
         why = reader.empty_reason() if isinstance(reader, _Jsonl) else "0 rows"
         raise ValueError(f"{spec}: no records ({why})")

@@ -60,6 +60,11 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.A
 
     Returns:
       ``[B, S, H, hd]`` in ``q.dtype``; 0 for queries that see no key.
+
+    >>> q = k = v = jnp.ones((1, 4, 2, 8))  # a row of 3 tokens and 1 padding token
+    >>> segment, pre, last = jnp.array([[1, 1, 1, 0]]), jnp.zeros((1, 4)), jnp.zeros((1, 4))
+    >>> blockwise_attention(q, k, v, segment, pre, last, block=2)[0, :, 0, 0].tolist()
+    [1.0, 1.0, 1.0, 0.0]
     """
     length = q.shape[1]
     block = min(block, length)
@@ -68,7 +73,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.A
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         segment, node_pre, node_last = (jnp.pad(x, ((0, 0), (0, pad)))
                                         for x in (segment, node_pre, node_last))
-    ints = tuple(x.astype(jnp.int32) for x in (segment, node_pre, node_last))
+    ints = tuple(jnp.asarray(x, jnp.int32) for x in (segment, node_pre, node_last))
     return _attention(q, k, v, *ints, block)[:, :length]
 
 

@@ -10,8 +10,9 @@ tree mask of each pair is computed in the kernel from the token arrays (query si
 is skipped by ``lax.cond`` before any matmul. The backward pass is two kernels in the
 FlashAttention-2 style: dK/dV per key block (walking query blocks ``>= j``) and dQ per query
 block (walking key blocks ``<= i``); dK/dV are computed per query head and summed over the GQA
-group outside. On CPU the kernels run in Pallas interpret mode (for tests); checked on CPU
-against the dense path only.
+group outside. On CPU the kernels run in Pallas interpret mode, where the tests check them
+against the dense path; the tests also lower them for Triton (GPU) and Mosaic (TPU), but they
+have not yet been compiled or timed on either device.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment: jax.Arra
         segment, node_pre, node_last = (jnp.pad(x, ((0, 0), (0, pad)))
                                         for x in (segment, node_pre, node_last))
     qt, kt, vt = (rearrange(x, "b s h d -> b h s d") for x in (q, k, v))
-    seg, pre, last = (x.astype(jnp.int32) for x in (segment, node_pre, node_last))
+    seg, pre, last = (jnp.asarray(x, jnp.int32) for x in (segment, node_pre, node_last))
     tokens = (seg[..., None], pre[..., None], seg[:, None], pre[:, None], last[:, None])
     out = _attention(qt, kt, vt, tokens, block, interpret)  # [B, H, S, hd]
     return rearrange(out, "b h s d -> b s h d")[:, :length]
@@ -89,6 +90,21 @@ def check_supported(block: int, head_dim: int, interpret: bool | None) -> bool:
         return False
     raise ValueError(f"attention=pallas has no kernel for the {backend!r} backend; "
                      f"{_ALTERNATIVE}")
+
+
+def _call_options(interpret: bool, head_dim: int) -> dict:
+    """``pallas_call`` keywords: interpret mode, or the backend's compiler (Triton on GPU)."""
+    if interpret:
+        return {"interpret": True}
+    if jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        warps = 4 if head_dim <= 64 else 8
+        return {"compiler_params": pltriton.CompilerParams(num_warps=warps, num_stages=2)}
+    from jax.experimental.pallas import tpu as pltpu
+
+    # Every program writes its own output block: all three grid axes are independent.
+    return {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)}
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -238,8 +254,8 @@ def _forward(q, k, v, tokens, block, interpret):
         out_specs=[q_spec, stat],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, length, 1), jnp.float32)],
-        interpret=interpret,
         name="tree_attention_forward",
+        **_call_options(interpret, head_dim),
     )(*tokens, q, k, v)
 
 
@@ -262,7 +278,7 @@ def _attention_bwd(block, interpret, residuals, dout):
         functools.partial(_dq_kernel, **params), grid=grid,
         in_specs=[*inputs, q_spec, stat, stat], out_specs=q_spec,  # + dout, lse, delta
         out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        interpret=interpret, name="tree_attention_dq",
+        name="tree_attention_dq", **_call_options(interpret, head_dim),
     )(*args)
 
     inputs, q_spec, stat = _key_major_specs(heads, kv_heads, length, head_dim, block)
@@ -272,7 +288,7 @@ def _attention_bwd(block, interpret, residuals, dout):
         in_specs=[*inputs, q_spec, stat, stat],
         out_specs=[per_head, per_head],
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)] * 2,
-        interpret=interpret, name="tree_attention_dkv",
+        name="tree_attention_dkv", **_call_options(interpret, head_dim),
     )(*args)
     # dK/dV were computed per query head: sum each GQA group into its key/value head.
     dk, dv = (reduce(x, "b (k g) s d -> b k s d", "sum", k=kv_heads) for x in (dk, dv))

@@ -116,6 +116,21 @@ class Checkpointer:
             params=ocp.args.StandardRestore(abstract_params)))
         return restored["params"]
 
+    def set_aside(self, step: int) -> str:
+        """Moves checkpoint ``step`` (unreadable) to ``<workdir>/corrupt_checkpoints/<step>``,
+        kept for inspection, so that the run can save that step again. Returns the new path."""
+        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        target = os.path.join(aside, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            n = 1
+            while os.path.exists(target):
+                n += 1
+                target = os.path.join(aside, f"{step}-{n}")
+            os.rename(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
+
     def read_json(self, step: int, name: str) -> Any:
         """One JSON item of checkpoint ``step`` (None when absent)."""
         if name not in self.item_names(step):

@@ -70,10 +70,11 @@ def node_slots(config: Config) -> int:
     return batcher.node_slots(config.data)
 
 
-def group_builder(config: Config, tokenizer: Tokenizer, label_mapping: str) -> GroupBuilder:
+def group_builder(config: Config, tokenizer: Tokenizer, label_mapping: str,
+                  kinds: tuple[str, ...] | None = None) -> GroupBuilder:
     """Records → groups; ``label_mapping`` (the objective's) applies unless
-    ``data.label_mapping`` is set."""
-    return GroupBuilder(tokenizer, config.data, label_mapping=label_mapping)
+    ``data.label_mapping`` is set; a record of a kind not in ``kinds`` is a bad record."""
+    return GroupBuilder(tokenizer, config.data, label_mapping=label_mapping, kinds=kinds)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,10 @@ gradients stay non-finite for ``train.max_skipped_steps`` consecutive updates st
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -28,7 +30,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxpo.config import Config
+from jaxpo.config import Config, differences, from_dict
+from jaxpo.data.errors import BadRecordError
 from jaxpo.sharding import batch_shardings, make_global_batch
 from jaxpo.train import checkpoint as ckpt_lib
 from jaxpo.train import inputs
@@ -61,6 +64,11 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict[str, A
       NonFiniteError: see the module docstring.
     """
     os.makedirs(workdir, exist_ok=True)
+    with WorkdirLock(workdir):
+        return _train(config, workdir, progress)
+
+
+def _train(config: Config, workdir: str, progress: bool) -> dict[str, Any]:
     run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir)
     builders = _builders(run, train_files, eval_files)
@@ -79,7 +87,21 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict[str, A
     try:
         with preempted.on_sigterm():
             for update in range(start, total):
-                local = stack(*(next(it) for _ in range(config.optim.grad_accum_steps)))
+                position = it.get_state()
+                try:
+                    local = stack(*(next(it) for _ in range(config.optim.grad_accum_steps)))
+                except BadRecordError as e:
+                    # Save what was trained so far, at the position before this update, so that
+                    # a rerun with on_bad_record=skip resumes here.
+                    it.set_state(position)
+                    saved = ""
+                    if update > start:
+                        _save(run, ckpt, state, it)
+                        saved = f"progress up to update {update} is saved in {ckpt.directory}; "
+                    raise ValueError(
+                        f"{e} (at update {update + 1}; {saved}rerun with "
+                        "--config.data.on_bad_record=skip to skip and count such records, or "
+                        "fix the record)") from None
                 local = {k: local[k] for k in keys}
                 if step_fn is None:
                     shardings = _batch_shardings(run, local, micro_axis=True)
@@ -220,6 +242,23 @@ class _Logger:
         self.tokens, self.shown, self.t0 = 0, start, time.perf_counter()
         self.last: dict[str, Any] = {}
         self.truncation_reported = False
+        self.losses: list[float] = []
+        self.was_diverging = False
+
+    def _diverging(self, loss: float) -> bool:
+        """Whether ``loss`` is over 100 times the median of the last 50 logged losses (and the
+        first logged step of such a rise is reported on the console)."""
+        history = self.losses[-50:]
+        flag = (len(history) >= 5 and np.isfinite(loss)
+                and abs(loss) > 100.0 * max(abs(float(np.median(history))), 1e-8))
+        if flag and not self.was_diverging:
+            self.bar.write(f"warning: the loss ({loss:.4g}) is over 100x its running median "
+                           f"({float(np.median(history)):.4g}): the run may be diverging "
+                           "(lower optim.learning_rate?)")
+        self.was_diverging = flag
+        if np.isfinite(loss):
+            self.losses.append(loss)
+        return flag
 
     def step(self, done: int, out: dict[str, Any], local: dict[str, Any]) -> None:
         self.tokens += int(np.count_nonzero(local["segment"]))  # real tokens, this process
@@ -233,6 +272,7 @@ class _Logger:
             num_params=self.num_params, peak_flops=cfg.peak_flops,
             num_devices=jax.device_count())
         out |= _data_counters(self.it)
+        out["diverging"] = float(self._diverging(out.get("loss", float("nan"))))
         note = truncation_note(getattr(self.it, "counters", {}), self.run.config)
         if note and not self.truncation_reported and _is_main():
             self.bar.write(note)
@@ -247,6 +287,42 @@ class _Logger:
                 f"in a row (train.max_skipped_steps={cfg.max_skipped_steps}); those updates "
                 "were skipped and the last good checkpoint is kept. Lower "
                 "optim.learning_rate, check the data and the model weights.")
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir (``<workdir>/.lock``, taken by process 0): a second run on
+    the same workdir fails at once, naming the pid and host of the one holding it."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self.file = None
+
+    def __enter__(self) -> WorkdirLock:
+        if not _is_main():
+            return self
+        try:
+            self.file = open(self.path, "a+", encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"cannot write in the workdir {os.path.dirname(self.path)}: "
+                             f"{e.strerror}") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ValueError(f"{os.path.dirname(self.path)} is in use by another jaxpo run "
+                             f"({holder}); wait for it or choose another --workdir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
 
 
 class _Flag:
@@ -278,7 +354,8 @@ def _builders(run: Run, train_files, eval_files) -> dict[str, Any]:
     """Group builders per split; with a precomputed reference cache they attach its log-probs
     (without a cache dir the records carry them: ``ref_chosen_logps``/``ref_rejected_logps``
     for pairs, ``ref_logps`` for lists and unpaired records)."""
-    base = inputs.group_builder(run.config, run.tokenizer, run.label_mapping)
+    base = inputs.group_builder(run.config, run.tokenizer, run.label_mapping,
+                                run.objective.kinds)
     cache_dir = run.config.reference.cache_dir
     if run.reference_mode != "precomputed" or not cache_dir:
         return {"train": base, "eval": base}
@@ -289,21 +366,53 @@ def _builders(run: Run, train_files, eval_files) -> dict[str, Any]:
     return {split: inputs.WithReference(base, tables[split]) for split in tables}
 
 
+# Config keys that a resumed run may change without train.allow_config_change.
+SAFE_TO_CHANGE = frozenset({
+    "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.eval_every", "train.eval_batches", "train.peak_flops", "train.max_skipped_steps",
+    "train.allow_config_change", "data.eval_files", "data.num_workers", "data.on_bad_record",
+})
+
+
 def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it) -> tuple[Any, Any, int | None]:
-    """``(state, reference params, resumed step or None)``: restored or fresh."""
-    step = ckpt.latest_step()
-    initial = run.initial_params() if step is None or run.reference_mode == "model" else None
-    if step is None:
+    """``(state, reference params, resumed step or None)``: restored or fresh. A checkpoint
+    that cannot be read is skipped (with a warning naming it) for the one before it."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    initial = run.initial_params() if not steps or run.reference_mode == "model" else None
+    if not steps:
         return run.new_state(initial), run.reference_params(initial), None
-    stored = ckpt.read_json(step, "config") or {}
-    current = run.config.to_dict()["model"]
-    for field in ("preset", "path", "init_from", "param_dtype"):
-        old = stored.get("model", {}).get(field)
-        if old is not None and old != current[field]:
-            raise ValueError(f"{ckpt.directory}/{step}: the checkpoint was made with "
-                             f"config.model.{field}={old!r}, not {current[field]!r}")
-    state = ckpt.restore(step, run.abstract_state(), data=it)
-    return state, run.reference_params(initial), step
+    _check_resumable(run, ckpt, steps[0])
+    for step in steps:
+        try:
+            state = ckpt.restore(step, run.abstract_state(), data=it)
+        except Exception as e:  # noqa: BLE001  (a truncated or corrupt checkpoint, any error)
+            aside = ckpt.set_aside(step)
+            print(f"warning: checkpoint {ckpt.directory}/{step} cannot be read "
+                  f"({type(e).__name__}: {str(e)[:200]}); moved to {aside}, trying the one "
+                  "before it", file=sys.stderr)
+            continue
+        return state, run.reference_params(initial), step
+    raise ValueError(f"{ckpt.directory}: none of the checkpoints {steps} can be read")
+
+
+def _check_resumable(run: Run, ckpt: ckpt_lib.Checkpointer, step: int) -> None:
+    """The stored config equals the run's except for :data:`SAFE_TO_CHANGE` keys (or
+    ``train.allow_config_change``); else a ValueError lists the differing keys."""
+    stored = ckpt.read_json(step, "config")
+    if stored is None:
+        return
+    try:
+        old = from_dict(stored)
+    except ValueError as e:  # a key this version does not know
+        raise ValueError(f"{ckpt.directory}/{step}: its stored config does not load ({e})"
+                         ) from None
+    changed = {k: v for k, v in differences(old, run.config).items() if k not in SAFE_TO_CHANGE}
+    if changed and not run.config.train.allow_config_change:
+        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(
+            f"{os.path.dirname(ckpt.directory)} holds a run with another config ({lines}); "
+            "resume it with its own config (omit --config to use the stored one), start a new "
+            "--workdir, or pass --config.train.allow_config_change=true")
 
 
 def _save(run: Run, ckpt: ckpt_lib.Checkpointer, state, it) -> None:
@@ -332,7 +441,8 @@ def _batch_shardings(run: Run, local: dict[str, np.ndarray], *, micro_axis: bool
 def truncation_note(counters: dict[str, Any], config: Config) -> str | None:
     """One line saying how much the length limits cut (None when nothing was cut).
 
-    >>> from jaxpo.config import Config
+    >>> from jaxpo.config import Config, differences, from_dict
+from jaxpo.data.errors import BadRecordError
     >>> print(truncation_note({"truncated/prompt": 2, "truncated/prompt_tokens": 30,
     ...                        "records_read": 8}, Config()))
     data: the length limits cut 2 prompts (30 tokens) and 0 responses (0 tokens) of 8 records read (data.max_prompt_length=0, data.max_length=512); counts in metrics as data/truncated/*

@@ -223,7 +223,7 @@ def batch_inputs(spec: LogpSpec, objective: losses.Objective, params: Any, ref_p
             reference = (ref.logps, ref.step_logps)
         gathered, mask = response_tokens({_TOKEN_NAMES[k]: v for k, v in stats.items()},
                                          batch, spec.num_nodes, tokens.shape[1])  # [NG, K, T]
-        fields.update(gathered, token_mask=mask)
+        fields.update({k: v for k, v in gathered.items() if k in needs}, token_mask=mask)
     else:
         logps = token_logps(hidden, unembedding, tokens, pred_index, chunk_size=chunk)  # [R, S]
         policy = response_logps(logps, *path)

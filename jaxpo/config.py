@@ -134,7 +134,10 @@ class DataConfig:
     max_steps: int = 1  # M, tree depth in steps
     seq_len: int = 0  # S tokens per row; 0 = derived (any group within max_length fits)
     node_slots: int = 0  # N node slots per row; 0 = derived
-    rows: int = 0  # R rows per global batch; 0 = derived
+    rows: int = 0  # R rows per global batch; 0 = derived (from tokens_per_batch)
+    # Token budget R·S of a global batch (packed/share_prefix): R = ceil(tokens_per_batch / S).
+    # 0 = derived: by jaxpo.data.resolve_batch_shapes from a sample of the data, else R = batch_size.
+    tokens_per_batch: int = 0
     shuffle: bool = True  # shuffle records every epoch (seeded by train.seed)
     num_workers: int = 0  # grain worker processes; 0 = in-process
 
@@ -165,6 +168,7 @@ class DataConfig:
         _at_least("data", "seq_len", self.seq_len, 0)
         _at_least("data", "node_slots", self.node_slots, 0)
         _at_least("data", "rows", self.rows, 0)
+        _at_least("data", "tokens_per_batch", self.tokens_per_batch, 0)
         _at_least("data", "num_workers", self.num_workers, 0)
 
 
@@ -262,7 +266,7 @@ class TrainConfig:
 
     steps: int = 100  # optimiser updates
     seed: int = 0  # seeds parameters init, data order and dropout-free sampling
-    log_every: int = 1  # write metrics every N steps
+    log_every: int = 10  # write metrics every N updates (fetched one log step late)
     checkpoint_every: int = 50  # save every N steps (and at the end, and on SIGTERM)
     keep_checkpoints: int = 3  # keep the last k checkpoints
     eval_every: int = 0  # evaluate on data.eval_files every N steps; 0 = only at the end

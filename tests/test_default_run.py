@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_short_demo_is_two_ordinary_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "NUM_PROMPTS", 8)
     overrides = ["--config.train.steps=3", "--config.data.batch_size=4",
-                 "--config.train.eval_batches=1"]
+                 "--config.train.eval_batches=1", "--config.train.log_every=1"]
     workdir = tmp_path / "run"
     out = demo.run(str(workdir), overrides, sft_steps=3, progress=False)
 

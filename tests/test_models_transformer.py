@@ -1,6 +1,8 @@
-"""Transformer: tree-packed attention, attention paths, remat, dtypes, logical axis names."""
+"""Transformer: tree-packed attention, attention paths, remat, dtypes, logical axis names, and
+scanned layers (compiled size independent of depth)."""
 
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -136,9 +138,41 @@ def test_parameters_carry_logical_axis_names(model):
         names[".".join(map(str, path))] = spec
     assert names["embed"] == ("vocab", "embed")
     assert names["lm_head"] == ("vocab", "embed")
-    assert names["layers.0.attn.q"] == ("embed", "heads", "head_dim")
-    assert names["layers.1.attn.k"] == ("embed", "kv_heads", "head_dim")
-    assert names["layers.0.attn.o"] == ("heads", "head_dim", "embed")
-    assert names["layers.0.mlp.down"] == ("mlp", "embed")
-    assert names["layers.0.attn.q_norm.scale"] == ("head_dim",)
+    # The blocks are stacked: one parameter per kind with a leading layer axis.
+    assert names["layers.attn.q"] == ("layers", "embed", "heads", "head_dim")
+    assert names["layers.attn.k"] == ("layers", "embed", "kv_heads", "head_dim")
+    assert names["layers.attn.o"] == ("layers", "heads", "head_dim", "embed")
+    assert names["layers.mlp.down"] == ("layers", "mlp", "embed")
+    assert names["layers.attn.q_norm.scale"] == ("layers", "head_dim")
+    assert names["layers.attn_norm.scale"] == ("layers", "embed")
+    assert names["norm.scale"] == ("embed",)
+    assert model.layers.attn.q.get_value().shape == (2, 64, 4, 16)  # [L, D, H, hd]
     assert model.unembedding().shape == (VOCAB, 64)
+
+
+def _lowered_step(num_layers, remat):
+    """fwd+bwd of a tiny-width model with ``num_layers`` layers, lowered (not compiled)."""
+    cfg = get_preset("tiny", vocab_size=VOCAB, num_layers=num_layers, remat=remat)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+    def loss(state, tokens):
+        return jnp.mean(nnx.merge(graphdef, state)(tokens) ** 2)
+
+    return jax.jit(jax.grad(loss)).lower(state, jax.ShapeDtypeStruct((2, 16), jnp.int32))
+
+
+@pytest.mark.parametrize("remat", ["none", "block", "full"])
+def test_depth_does_not_grow_the_compiled_step(remat):
+    # The layers are one scanned block: 32 layers lower to the HLO of 4 (a Python loop over
+    # the layers grows it ~linearly: 0.35 MB -> 2.7 MB of HLO text for 4 -> 32 layers).
+    # Deterministic, unlike compile times on a shared machine, which are printed only.
+    sizes, seconds = {}, {}
+    for layers in (4, 32):
+        lowered = _lowered_step(layers, remat)
+        sizes[layers] = len(lowered.as_text())
+        if remat == "block":
+            start = time.perf_counter()
+            lowered.compile()
+            seconds[layers] = round(time.perf_counter() - start, 2)
+    print(f"remat={remat}: HLO text {sizes} chars, compile seconds {seconds}")
+    assert sizes[32] < 1.5 * sizes[4]

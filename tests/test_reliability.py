@@ -20,7 +20,7 @@ from jaxpo.train import inputs, loop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = f"--config={ROOT}/configs/dpo_tiny.py"
 SMALL = ["--config.data.batch_size=4", "--config.train.eval_batches=1",
-         "--config.optim.warmup_steps=0"]
+         "--config.optim.warmup_steps=0", "--config.train.log_every=1"]
 
 
 def _summary(out: str) -> dict:
@@ -156,7 +156,7 @@ def test_resume_with_another_config_names_the_keys(tmp_path, capsys):
     assert _train(workdir, "--config.train.steps=1", "--config.loss.name=ipo") == 2
     assert "loss.name: 'dpo' -> 'ipo'" in capsys.readouterr().err
     # Safe keys (more steps, logging) and an explicit allowance resume.
-    assert _train(workdir, "--config.train.steps=2", "--config.train.log_every=2") == 0
+    assert _train(workdir, "--config.train.steps=2", "--config.train.log_every=2") == 0  # safe
     assert _train(workdir, "--config.train.steps=3", "--config.optim.learning_rate=1e-2",
                   "--config.train.allow_config_change=true") == 0
 

@@ -30,7 +30,7 @@ cfg = replace(Config(), {
     "loss": {"name": "dpo", "beta": 0.1},
     "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
     "data": {"max_length": 48, "max_prompt_length": 24, "batch_size": 4},
-    "train": {"steps": STEPS, "checkpoint_every": 2, "eval_every": 0,
+    "train": {"steps": STEPS, "checkpoint_every": 2, "eval_every": 0, "log_every": 1,
               "eval_batches": 1, "seed": 3},
 })
 summary = loop.train(cfg, workdir, progress=False)

@@ -47,7 +47,8 @@ class BatchConfig:
       max_steps: ``M``, nodes on a response path (1 for pairs, lists, unpaired).
       rows: ``R``. ``padded`` needs ``NG * K`` (the default). For ``packed``/``share_prefix`` the
         default is ``NG`` (``G = NG / R = 1`` group per row on average); fewer rows pack tighter,
-        and a batch closes early when the rows are full.
+        and a batch closes early, with fewer than ``NG`` groups, when the rows are full
+        (:func:`num_rows` derives ``R`` from a token budget).
       with_ref_logps: include ``ref_logps [NG, K]`` (every group must carry them).
     """
 
@@ -81,8 +82,8 @@ class BatchConfig:
                          with_ref_logps: bool = False) -> BatchConfig:
         """One process's slice of the global batch that ``data_cfg`` describes.
 
-        ``NG = data.batch_size / P`` group slots and, when ``data.rows`` is set,
-        ``R = data.rows / P`` rows; ``S`` = :func:`row_length`, ``N`` = :func:`node_slots`,
+        ``NG = data.batch_size / P`` group slots, ``R = num_rows(data, P) / P`` rows
+        (:func:`num_rows`), ``S`` = :func:`row_length`, ``N`` = :func:`node_slots`,
         ``K = data.max_responses``, ``M = data.max_steps``.
 
         Args:
@@ -98,13 +99,11 @@ class BatchConfig:
         if process_count < 1 or data_cfg.batch_size % process_count:
             raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by "
                              f"process_count={process_count}")
-        if data_cfg.rows % process_count:
-            raise ValueError(f"data.rows={data_cfg.rows} is not divisible by "
-                             f"process_count={process_count}")
+        rows = num_rows(data_cfg, process_count=process_count)
         return cls(data_cfg.layout, batch_size=data_cfg.batch_size // process_count,
                    seq_len=row_length(data_cfg), max_responses=data_cfg.max_responses,
                    node_slots=node_slots(data_cfg), max_steps=data_cfg.max_steps,
-                   rows=data_cfg.rows // process_count or None, with_ref_logps=with_ref_logps)
+                   rows=rows // process_count, with_ref_logps=with_ref_logps)
 
     @property
     def num_rows(self) -> int:
@@ -136,24 +135,75 @@ def row_length(data_cfg: DataConfig) -> int:
     return d.max_responses * (d.max_length - 1) + 1
 
 
-def node_slots(data_cfg: DataConfig) -> int:
-    """``N``: ``data.node_slots``, or enough for two of the largest groups per row.
+def group_node_slots(data_cfg: DataConfig) -> int:
+    """The most node slots one group can take in a row of ``data.layout``.
 
     A response is a path of at most ``M = data.max_steps`` nodes under the prompt: ``1 + M``
     nodes per row in ``padded``, ``K * (1 + M)`` per group in ``packed`` (the prompt repeated
     per response), at most ``1 + K * M`` per group in ``share_prefix``.
 
+    >>> group_node_slots(DataConfig(layout="share_prefix", max_responses=4, max_steps=3))
+    13
+    """
+    d = data_cfg
+    k, m = d.max_responses, d.max_steps
+    if d.layout == "padded":
+        return 1 + m
+    return k * (1 + m) if d.layout == "packed" else 1 + k * m
+
+
+def num_rows(data_cfg: DataConfig, *, process_count: int = 1) -> int:
+    """``R``, rows of the global batch.
+
+    ``padded``: ``batch_size * K``. ``packed``/``share_prefix``: ``data.rows`` when set; else,
+    when ``data.tokens_per_batch`` is set, ``ceil(tokens_per_batch / S)`` rounded up to a
+    multiple of ``process_count`` (each process packs ``R / P`` rows) and at most
+    ``batch_size`` (one group per row always fits); else ``batch_size``.
+
+    >>> cfg = DataConfig(max_length=256, batch_size=8, tokens_per_batch=1200)  # S = 511
+    >>> num_rows(cfg), num_rows(cfg, process_count=2)
+    (3, 4)
+    """
+    d = data_cfg
+    if d.rows % process_count:
+        raise ValueError(f"data.rows={d.rows} is not divisible by process_count={process_count}")
+    if d.rows:
+        return d.rows
+    if d.layout == "padded":
+        return d.batch_size * d.max_responses
+    if not d.tokens_per_batch:
+        return d.batch_size
+    rows = -(-d.tokens_per_batch // row_length(d))  # ceil
+    rows = -(-rows // process_count) * process_count
+    return min(rows, -(-d.batch_size // process_count) * process_count)
+
+
+def node_slots(data_cfg: DataConfig) -> int:
+    """``N``: ``data.node_slots``, or room for twice the average groups per row, each counted at
+    the largest group's node count (:func:`group_node_slots`).
+
+    With ``R0 = data.rows``, else ``min(ceil(data.tokens_per_batch / S), batch_size)``, else
+    ``batch_size`` (:func:`num_rows` before its rounding to the process count, so ``N`` needs
+    only the config):
+    ``N = group_node_slots * ceil(2 * batch_size / R0)``; with one group per row on average
+    (``R0 = batch_size``), room for two of the largest groups. ``R * N`` is then at least twice
+    the node slots of ``batch_size`` of the largest groups, so rows fill up on tokens, not on
+    node slots. Node slots are cheap (a segment sum over ``R * N``); tokens are what costs.
+
     >>> node_slots(DataConfig(layout="share_prefix", max_responses=4, max_steps=3))
     26
+    >>> node_slots(DataConfig(max_length=256, batch_size=8, rows=2))  # 3 nodes per pair
+    24
     """
     d = data_cfg
     if d.node_slots:
         return d.node_slots
-    k, m = d.max_responses, d.max_steps
+    per_group = group_node_slots(d)
     if d.layout == "padded":
-        return 1 + m
-    per_group = k * (1 + m) if d.layout == "packed" else 1 + k * m
-    return 2 * per_group
+        return per_group
+    rows = d.rows or (min(-(-d.tokens_per_batch // row_length(d)), d.batch_size)
+                      if d.tokens_per_batch else d.batch_size)
+    return per_group * max(1, -(-2 * d.batch_size // rows))
 
 
 def check_shapes(group: TokenizedGroup, cfg: BatchConfig) -> None:

@@ -9,7 +9,7 @@ from jaxpo.models.config import (
     preset_names,
 )
 from jaxpo.models.generate import GenerateOutput, generate
-from jaxpo.models.hf_io import export_hf, load_hf, read_config
+from jaxpo.models.hf_io import export_hf, load_hf, load_hf_params, read_config
 from jaxpo.models.transformer import Transformer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "generate",
     "get_preset",
     "load_hf",
+    "load_hf_params",
     "preset_names",
     "read_config",
     "tree_attention",

@@ -1,4 +1,9 @@
-"""The Llama-family decoder (Flax NNX).
+"""The Llama-family decoder (Flax NNX), its layers stacked and run with ``jax.lax.scan``.
+
+The decoder blocks are one :class:`Block` whose parameters carry a leading layer axis ``[L, ...]``
+(logical name ``layers``, replicated by every sharding preset); :meth:`Transformer.hidden` and
+:meth:`Transformer.decode` scan over it, so a model traces and compiles one block whatever its
+depth, and ``remat`` is applied to the scan body, once per layer.
 
 >>> from flax import nnx
 >>> from jaxpo.models.config import get_preset
@@ -19,6 +24,7 @@ from jaxpo.models.config import ModelConfig
 from jaxpo.sharding.logical import constrain
 
 _ACTIVATION = ("batch", "length", "embed")
+LAYERS = "layers"  # logical name of the stacked layer axis
 
 # Per-block rematerialisation: "block" keeps the projection outputs and recomputes the rest
 # (norms, RoPE, softmax, SiLU); "full" keeps only each block's input.
@@ -62,24 +68,35 @@ class Block(nnx.Module):
         return x, cache
 
 
-def _run_block(block: Block, x: jax.Array, positions: jax.Array,
-               mask: jax.Array | TreeLayout) -> jax.Array:
-    return block(x, positions, mask)[0]
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One :class:`Block` whose parameters are those of ``blocks`` stacked on a leading
+    ``layers`` axis ``[L, ...]`` (the logical name is prepended to each parameter's names)."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(block)[1] for block in blocks[1:]]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
+    for _, var in nnx.to_flat_state(stacked):
+        var.set_metadata(out_sharding=(LAYERS, *var.get_metadata()["out_sharding"]))
+    return nnx.merge(graphdef, stacked)
 
 
 class Transformer(nnx.Module):
     """Decoder-only transformer of the Llama family, configured by a :class:`ModelConfig`.
 
-    Parameters (logical axes in brackets): ``embed`` ``[V, D]`` (vocab, embed); per block
-    ``attn.q`` ``[D, H, hd]``, ``attn.k``/``attn.v`` ``[D, K, hd]``, ``attn.o`` ``[H, hd, D]``,
-    ``mlp.gate``/``mlp.up`` ``[D, F]``, ``mlp.down`` ``[F, D]``, norms ``[D]``; ``lm_head``
-    ``[V, D]`` when embeddings are untied.
+    Parameters (logical axes in brackets): ``embed`` ``[V, D]`` (vocab, embed); the blocks,
+    stacked on a leading ``L`` axis (``layers``): ``layers.attn.q`` ``[L, D, H, hd]``,
+    ``layers.attn.k``/``layers.attn.v`` ``[L, D, K, hd]``, ``layers.attn.o`` ``[L, H, hd, D]``,
+    ``layers.mlp.gate``/``layers.mlp.up`` ``[L, D, F]``, ``layers.mlp.down`` ``[L, F, D]``,
+    ``layers.attn_norm.scale``/``layers.mlp_norm.scale`` ``[L, D]`` (and the optional biases
+    and q/k norms); ``norm.scale`` ``[D]``; ``lm_head`` ``[V, D]`` when embeddings are untied.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        # Built block by block, drawing from `rngs` in the same order as an unstacked model (a
+        # seed gives the same weights at any depth), then stacked. Init runs once; the step
+        # only ever traces one block.
+        self.layers = stack_blocks([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -112,12 +129,16 @@ class Transformer(nnx.Module):
         mask = TreeLayout(segment, node_pre, node_last)  # blockwise / pallas: mask per block
         if self.config.attention in ("dense", "dot_product"):
             mask = tree_mask(*mask)  # [B, S, S], built once for all layers
-        run = _run_block
-        if self.config.remat != "none":
-            run = nnx.remat(_run_block, policy=_REMAT_POLICIES[self.config.remat])
-        x = self._embed(tokens)
-        for block in self.layers:
-            x = run(block, x, positions, mask)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, params, positions, mask):  # one block: [B, S, D] -> [B, S, D]
+            return nnx.merge(graphdef, params)(x, positions, mask)[0]
+
+        if self.config.remat != "none":  # per layer, inside the scan body
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.config.remat],
+                                   prevent_cse=False)  # scan already keeps the body apart
+        x, _ = jax.lax.scan(lambda x, params: (layer(x, params, positions, mask), None),
+                            self._embed(tokens), stacked)
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -132,15 +153,14 @@ class Transformer(nnx.Module):
         ones, zeros = jnp.ones_like(tokens), jnp.zeros_like(tokens)
         return self.logits(self.hidden(tokens, positions, ones, zeros, zeros))
 
-    def init_cache(self, batch: int, length: int) -> list[Cache]:
-        """An empty KV cache: one ``(keys, values)`` pair ``[B, L, K, hd]`` per layer."""
+    def init_cache(self, batch: int, length: int) -> Cache:
+        """An empty KV cache for every layer: ``(keys, values)``, ``[layers, B, L, K, hd]`` each."""
         cfg = self.config
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return [(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
-                for _ in range(cfg.num_layers)]
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array,
-               cache: list[Cache], cache_index: jax.Array) -> tuple[jax.Array, list[Cache]]:
+               cache: Cache, cache_index: jax.Array) -> tuple[jax.Array, Cache]:
         """Runs ``tokens`` ``[B, T]`` against a KV cache (prefill or one decode step).
 
         Args:
@@ -153,9 +173,11 @@ class Transformer(nnx.Module):
         Returns:
           ``(fp32 logits [B, T, V], updated cache)``.
         """
-        x = self._embed(tokens)
-        new_cache = []
-        for block, layer_cache in zip(self.layers, cache):
-            x, layer_cache = block(x, positions, mask, layer_cache, cache_index)
-            new_cache.append(layer_cache)
-        return self.logits(self.norm(x)), new_cache
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, inputs):  # one block and its cache slice [B, L, K, hd]
+            params, layer_cache = inputs
+            return nnx.merge(graphdef, params)(x, positions, mask, layer_cache, cache_index)
+
+        x, cache = jax.lax.scan(layer, self._embed(tokens), (stacked, cache))
+        return self.logits(self.norm(x)), cache

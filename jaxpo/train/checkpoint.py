@@ -12,7 +12,10 @@ complete checkpoints behind) holds:
 - ``config``: the run's config (JSON);
 - ``meta``: small JSON facts of the run (counters).
 
-Saving is synchronous: when :meth:`Checkpointer.save` returns the checkpoint is on disk.
+Saving is asynchronous: :meth:`Checkpointer.save` returns once the arrays are copied off the
+devices and the data iterator's position is taken, and the files are written in the background
+while training goes on. :meth:`Checkpointer.close` (and the next save) wait for it. A checkpoint
+appears (atomically) only when complete.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -63,18 +67,18 @@ class Checkpointer:
         Raises:
           ValueError: a checkpoint of this step exists already (never skipped silently).
         """
+        self.manager.wait_until_finished()  # one save at a time
         if step in self.manager.all_steps():
             raise ValueError(f"{self.directory}/{step} exists already; a run never overwrites "
                              "a checkpoint")
         items = {"params": ocp.args.StandardSave(state.params),
                  "optimizer": ocp.args.StandardSave(_optimizer_part(state))}
-        if data is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data)
+        if data is not None:  # the position now, not when the background write runs
+            items["data"] = grain.checkpoint.CheckpointSave(_Position(data.get_state()))
         for name, value in zip(JSON_ITEMS, (config, meta)):
             if value is not None:
                 items[name] = ocp.args.JsonSave(value)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()
 
     def item_names(self, step: int) -> set[str]:
         """The items stored in checkpoint ``step``."""
@@ -91,6 +95,7 @@ class Checkpointer:
             shardings (where the restored arrays go).
           data: the training data iterator, set to the saved position; None leaves it.
         """
+        self.manager.wait_until_finished()
         items = {"params": ocp.args.StandardRestore(abstract_state.params),
                  "optimizer": ocp.args.StandardRestore(_optimizer_part(abstract_state))}
         if data is not None:
@@ -142,6 +147,23 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class _Position(grain.DatasetIterator):
+    """A data iterator's state, frozen at save time (what grain's handler writes)."""
+
+    def __init__(self, state: dict[str, Any]):  # no parents: it only holds the state
+        self._state = state
+        self._closed = True  # nothing to close
+
+    def __next__(self):
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return self._state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._state = state
 
 
 def _optimizer_part(state: TrainState) -> dict[str, Any]:

@@ -107,9 +107,13 @@ def _train(config: Config, workdir: str, progress: bool) -> dict[str, Any]:
                     shardings = _batch_shardings(run, local, micro_axis=True)
                     step_fn = run.train_step(shardings)
                 batch = make_global_batch(local, run.mesh, shardings)
-                state, out = step_fn(state, ref_params, batch)
+                state, out = step_fn(state, ref_params, batch)  # dispatched, not waited for
                 done = update + 1
-                logger.step(done, out, local)
+                logger.step(done, out, local)  # writes the previous log step's metrics
+                if evaluator is not None and _eval_due(config, done) or (
+                        done % config.train.checkpoint_every == 0 or done == total
+                        or preempted.is_set()):
+                    logger.flush()
                 if _eval_due(config, done) and evaluator is not None:
                     last_eval = evaluator(state.params, ref_params)
                     writer.write(done, last_eval)
@@ -119,10 +123,11 @@ def _train(config: Config, workdir: str, progress: bool) -> dict[str, Any]:
                     _save(run, ckpt, state, it)
                 if preempted.is_set():
                     break
+        logger.flush()
     finally:
         bar.close()
         writer.close()
-        ckpt.close()
+        ckpt.close()  # waits for an asynchronous save to finish
     return {
         "step": int(state.step), "total_steps": total,
         "preempted": preempted.is_set() and int(state.step) < total,
@@ -233,7 +238,8 @@ def _is_main() -> bool:
 class _Logger:
     """Writes an update's metrics every ``train.log_every`` updates (and at the last one), with
     the throughput since the previous record and the data iterator's counters; stops the run
-    when the non-finite streak reaches ``train.max_skipped_steps``."""
+    when the non-finite streak reaches ``train.max_skipped_steps``. Metrics stay on the device
+    until the next log step (or an evaluation, a checkpoint, the end) fetches them."""
 
     def __init__(self, run: Run, it, writer: metrics_lib.MetricsWriter,
                  bar: metrics_lib.ProgressBar, start: int):
@@ -242,6 +248,7 @@ class _Logger:
         self.tokens, self.shown, self.t0 = 0, start, time.perf_counter()
         self.last: dict[str, Any] = {}
         self.truncation_reported = False
+        self.pending: tuple | None = None
         self.losses: list[float] = []
         self.was_diverging = False
 
@@ -261,25 +268,38 @@ class _Logger:
         return flag
 
     def step(self, done: int, out: dict[str, Any], local: dict[str, Any]) -> None:
+        """Counts the update's tokens; on a log step, keeps its (device) metrics to write one
+        log step later, so that the host never waits for the update it just dispatched."""
         self.tokens += int(np.count_nonzero(local["segment"]))  # real tokens, this process
         cfg = self.run.config.train
         if done % cfg.log_every and done != cfg.steps:
             return
-        out = {k: float(v) for k, v in jax.device_get(out).items()}  # waits for the step
-        now = time.perf_counter()
+        self.flush()
+        counters = dict(getattr(self.it, "counters", {}))
+        self.pending = (done, out, counters, self.tokens, time.perf_counter())
+        self.tokens = 0
+
+    def flush(self) -> None:
+        """Writes the kept metrics (waiting for their update if it is still running)."""
+        if self.pending is None:
+            return
+        done, out, counters, tokens, now = self.pending
+        self.pending = None
+        cfg = self.run.config.train
+        out = {k: float(v) for k, v in jax.device_get(out).items()}
         out |= metrics_lib.throughput(
-            tokens=self.tokens * jax.process_count(), seconds=now - self.t0,
+            tokens=tokens * jax.process_count(), seconds=now - self.t0,
             num_params=self.num_params, peak_flops=cfg.peak_flops,
             num_devices=jax.device_count())
-        out |= _data_counters(self.it)
+        out |= _data_counters(counters)
         out["diverging"] = float(self._diverging(out.get("loss", float("nan"))))
-        note = truncation_note(getattr(self.it, "counters", {}), self.run.config)
+        note = truncation_note(counters, self.run.config)
         if note and not self.truncation_reported and _is_main():
             self.bar.write(note)
             self.truncation_reported = True
         self.writer.write(done, out)
         self.bar.update(done - self.shown, out)
-        self.last, self.tokens, self.shown, self.t0 = out, 0, done, now
+        self.last, self.shown, self.t0 = out, done, now
         if out.get("nonfinite_streak", 0) >= cfg.max_skipped_steps:
             bad = next((k for k, v in out.items() if not np.isfinite(v)), "grad_norm")
             raise NonFiniteError(
@@ -441,11 +461,11 @@ def _batch_shardings(run: Run, local: dict[str, np.ndarray], *, micro_axis: bool
 def truncation_note(counters: dict[str, Any], config: Config) -> str | None:
     """One line saying how much the length limits cut (None when nothing was cut).
 
-    >>> from jaxpo.config import Config, differences, from_dict
-from jaxpo.data.errors import BadRecordError
-    >>> print(truncation_note({"truncated/prompt": 2, "truncated/prompt_tokens": 30,
-    ...                        "records_read": 8}, Config()))
-    data: the length limits cut 2 prompts (30 tokens) and 0 responses (0 tokens) of 8 records read (data.max_prompt_length=0, data.max_length=512); counts in metrics as data/truncated/*
+    >>> from jaxpo.config import Config
+    >>> note = truncation_note({"truncated/prompt": 2, "truncated/prompt_tokens": 30,
+    ...                         "records_read": 8}, Config())
+    >>> note.split(" of ")[0]
+    'data: the length limits cut 2 prompts (30 tokens) and 0 responses (0 tokens)'
     """
     prompts, responses = counters.get("truncated/prompt", 0), counters.get("truncated/response", 0)
     if not prompts and not responses:
@@ -459,8 +479,7 @@ from jaxpo.data.errors import BadRecordError
             "data/truncated/*")
 
 
-def _data_counters(it) -> dict[str, float]:
-    counters = getattr(it, "counters", {})
+def _data_counters(counters: dict[str, Any]) -> dict[str, float]:
     out = {f"data/{k}": float(v) for k, v in counters.items() if k != "batches"}
     out["skipped_records"] = float(counters.get("records_skipped", 0))
     return out

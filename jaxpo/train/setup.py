@@ -26,7 +26,7 @@ from jaxpo.config import Config
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.models import preset_names
 from jaxpo.models.config import ModelConfig
-from jaxpo.models.hf_io import load_hf
+from jaxpo.models.hf_io import load_hf_params
 from jaxpo.models.transformer import Transformer
 from jaxpo.sharding import get_rules, make_mesh, maybe_initialize
 from jaxpo.sharding.logical import Rules
@@ -118,10 +118,8 @@ class Run:
         m = self.config.model
         if m.init_from:
             return _params_of_run(m.init_from, abstract_like(self.abstract_params, shardings))
-        if m.path:
-            model = load_hf(m.path, dtype=self.model_cfg.dtype,
-                            param_dtype=self.model_cfg.param_dtype, remat=self.model_cfg.remat)
-            return jax.device_put(state_lib.split_model(model)[1], shardings)
+        if m.path:  # each device reads only its shards from the memory-mapped files
+            return load_hf_params(m.path, self.model_cfg, shardings)
         cfg, seed = self.model_cfg, self.config.train.seed
 
         def init():

@@ -104,7 +104,7 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, *,
       The jitted step; metrics are float32 scalars (means over the micro-batches).
     """
 
-    def step(state: TrainState, ref_params: Any, batch: Batch):
+    def train_step(state: TrainState, ref_params: Any, batch: Batch):
         def micro(carry, micro_batch):
             grads_sum, stats = carry
             grad_fn = jax.value_and_grad(spec.group_losses, has_aux=True)
@@ -143,7 +143,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, *,
             metrics["reward_mean"] = new_state.stats["reward_mean"]
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, ref_shardings, batch_shardings),
+    return jax.jit(train_step,
+                   in_shardings=(state_shardings, ref_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
@@ -164,7 +165,7 @@ def make_eval_step(spec: StepSpec) -> Callable[..., dict[str, jax.Array]]:
     plus ``groups``, the number of real groups, for weighting batch means). ``batch`` is one
     batch (no micro-batch axis)."""
 
-    def step(params, ref_params, batch):
+    def eval_step(params, ref_params, batch):
         stats = {"reward_mean": jnp.zeros((), jnp.float32),
                  "reward_count": jnp.zeros((), jnp.float32)}
         with spec.rules_context():
@@ -173,7 +174,7 @@ def make_eval_step(spec: StepSpec) -> Callable[..., dict[str, jax.Array]]:
         return {"loss": loss, "groups": groups.astype(jnp.float32),
                 **batch_metrics(inputs, spec.metrics_beta, spec.objective.logps)}
 
-    return jax.jit(step)
+    return jax.jit(eval_step)
 
 
 def batch_metrics(inputs: losses.LossInputs, beta: float, logps: str = "sum"

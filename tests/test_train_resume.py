@@ -103,8 +103,10 @@ def test_sigkill_then_sigterm_resume_is_bitwise_exact(tmp_path):
     proc.wait()
     killed_at = _checkpoints(interrupted)[-1]
     assert killed_at < STEPS
-    # 2. Resume; SIGTERM once it has logged a step of its own.
+    # 2. Resume; SIGTERM once it has logged a step of its own. (The killed run may have logged
+    # steps past its last checkpoint: the resumed run first drops them.)
     proc = _start(interrupted, cache)
+    _wait_for(lambda: max(_logged_steps(interrupted), default=0) <= killed_at, proc)
     _wait_for(lambda: max(_logged_steps(interrupted), default=0) > killed_at + 1, proc)
     proc.send_signal(signal.SIGTERM)
     summary = _finish(proc)

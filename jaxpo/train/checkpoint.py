@@ -54,6 +54,11 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def has(self, step: int) -> bool:
+        """Whether checkpoint ``step`` exists (once any save in flight has finished)."""
+        self.manager.wait_until_finished()
+        return step in self.manager.all_steps()
+
     def save(self, step: int, state: TrainState, *, data: Any = None, config: Any = None,
              meta: Any = None) -> None:
         """Writes checkpoint ``step``.
@@ -67,8 +72,7 @@ class Checkpointer:
         Raises:
           ValueError: a checkpoint of this step exists already (never skipped silently).
         """
-        self.manager.wait_until_finished()  # one save at a time
-        if step in self.manager.all_steps():
+        if self.has(step):  # (after any save in flight: one save at a time)
             raise ValueError(f"{self.directory}/{step} exists already; a run never overwrites "
                              "a checkpoint")
         items = {"params": ocp.args.StandardSave(state.params),

@@ -64,11 +64,12 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict[str, A
       NonFiniteError: see the module docstring.
     """
     os.makedirs(workdir, exist_ok=True)
-    with WorkdirLock(workdir):
-        return _train(config, workdir, progress)
+    preempted = _Flag()
+    with WorkdirLock(workdir), preempted.on_sigterm():  # a SIGTERM during start-up counts too
+        return _train(config, workdir, progress, preempted)
 
 
-def _train(config: Config, workdir: str, progress: bool) -> dict[str, Any]:
+def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> dict[str, Any]:
     run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir)
     builders = _builders(run, train_files, eval_files)
@@ -81,48 +82,46 @@ def _train(config: Config, workdir: str, progress: bool) -> dict[str, Any]:
     bar = metrics_lib.ProgressBar(total, start, enabled=progress and _is_main())
     logger = _Logger(run, it, writer, bar, start)
     evaluator = _Evaluator(run, eval_files, builders["eval"], with_ref) if eval_files else None
-    preempted = _Flag()
     step_fn, shardings, last_eval = None, None, {}
     keys = BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
     try:
-        with preempted.on_sigterm():
-            for update in range(start, total):
-                position = it.get_state()
-                try:
-                    local = stack(*(next(it) for _ in range(config.optim.grad_accum_steps)))
-                except BadRecordError as e:
-                    # Save what was trained so far, at the position before this update, so that
-                    # a rerun with on_bad_record=skip resumes here.
-                    it.set_state(position)
-                    saved = ""
-                    if update > start:
-                        _save(run, ckpt, state, it)
-                        saved = f"progress up to update {update} is saved in {ckpt.directory}; "
-                    raise ValueError(
-                        f"{e} (at update {update + 1}; {saved}rerun with "
-                        "--config.data.on_bad_record=skip to skip and count such records, or "
-                        "fix the record)") from None
-                local = {k: local[k] for k in keys}
-                if step_fn is None:
-                    shardings = _batch_shardings(run, local, micro_axis=True)
-                    step_fn = run.train_step(shardings)
-                batch = make_global_batch(local, run.mesh, shardings)
-                state, out = step_fn(state, ref_params, batch)  # dispatched, not waited for
-                done = update + 1
-                logger.step(done, out, local)  # writes the previous log step's metrics
-                if evaluator is not None and _eval_due(config, done) or (
-                        done % config.train.checkpoint_every == 0 or done == total
-                        or preempted.is_set()):
-                    logger.flush()
-                if _eval_due(config, done) and evaluator is not None:
-                    last_eval = evaluator(state.params, ref_params)
-                    writer.write(done, last_eval)
-                    bar.write(f"step {done}: " + _short(last_eval))
-                if (done % config.train.checkpoint_every == 0 or done == total
-                        or preempted.is_set()):
+        for update in range(start, total):
+            position = it.get_state()
+            try:
+                local = stack(*(next(it) for _ in range(config.optim.grad_accum_steps)))
+            except BadRecordError as e:
+                # Save what was trained so far, at the position before this update, so that
+                # a rerun with on_bad_record=skip resumes here.
+                it.set_state(position)
+                saved = ""
+                if update > start and not ckpt.has(update):
                     _save(run, ckpt, state, it)
-                if preempted.is_set():
-                    break
+                    saved = f"progress up to update {update} is saved in {ckpt.directory}; "
+                raise ValueError(
+                    f"{e} (at update {update + 1}; {saved}rerun with "
+                    "--config.data.on_bad_record=skip to skip and count such records, or "
+                    "fix the record)") from None
+            local = {k: local[k] for k in keys}
+            if step_fn is None:
+                shardings = _batch_shardings(run, local, micro_axis=True)
+                step_fn = run.train_step(shardings)
+            batch = make_global_batch(local, run.mesh, shardings)
+            state, out = step_fn(state, ref_params, batch)  # dispatched, not waited for
+            done = update + 1
+            logger.step(done, out, local)  # writes the previous log step's metrics
+            if evaluator is not None and _eval_due(config, done) or (
+                    done % config.train.checkpoint_every == 0 or done == total
+                    or preempted.is_set()):
+                logger.flush()
+            if _eval_due(config, done) and evaluator is not None:
+                last_eval = evaluator(state.params, ref_params)
+                writer.write(done, last_eval)
+                bar.write(f"step {done}: " + _short(last_eval))
+            if (done % config.train.checkpoint_every == 0 or done == total
+                    or preempted.is_set()):
+                _save(run, ckpt, state, it)
+            if preempted.is_set():
+                break
         logger.flush()
     finally:
         bar.close()

@@ -16,7 +16,11 @@ loss and the optimiser):
 - ``packed`` / ``share_prefix`` ``(R = NG)``: the config-only shapes, one row per group (the
   default before rows were sized from a token budget);
 - ``packed`` / ``share_prefix`` (default): ``jaxpo.data.resolve_batch_shapes`` on the records;
-- ``share_prefix rows=2, node_slots=16``: hand-tuned.
+- ``share_prefix rows=2, node_slots=16``: hand-tuned;
+- ``share_prefix seq_len=256`` (derived R, N): rows shorter than the longest group
+  ``max_length`` allows (511), which every group of this data fits; longer groups would be
+  dropped (``groups_dropped_too_long``). Shows what the row length costs (attention is
+  quadratic in it).
 
 Reported per variant: the batch shape ``R×S``, real (non-padding) tokens per batch, groups per
 batch and the fraction of full batches (all ``NG`` groups; the epoch's last batch excluded),
@@ -71,6 +75,8 @@ VARIANTS = {
     "share_prefix (default)": {"layout": "share_prefix", "resolve": True},
     "share_prefix rows=2, node_slots=16": {"layout": "share_prefix", "rows": 2,
                                            "node_slots": 16},
+    "share_prefix seq_len=256 (derived R, N)": {"layout": "share_prefix", "seq_len": 256,
+                                                "resolve": True},
 }
 
 
@@ -87,10 +93,11 @@ def write_records(path: str, n: int, seed: int = 0) -> None:
                                  "rejected": " " + text(5, 11)}) + "\n" for _ in range(n))
 
 
-def model_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024,
-                       num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-                       max_position_embeddings=1024)
+def model_config(vocab_size: int, attention_block: int = 0) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                      max_position_embeddings=1024)
+    return cfg.replace(attention_block=attention_block) if attention_block else cfg
 
 
 def epoch(source, builder, cfg: DataConfig) -> dict:
@@ -117,13 +124,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--attention-block", type=int, default=0,
+                        help="the model's attention_block; 0 = ModelConfig's default")
     parser.add_argument("--out", default=os.path.join(RESULTS, "layout_throughput.json"))
     args = parser.parse_args()
 
     tokenizer = Tokenizer.from_dir(TOKENIZER)
     base = DataConfig(max_length=MAX_LENGTH, batch_size=NG, max_responses=2, shuffle=True)
     builder = GroupBuilder(tokenizer, base)
-    mcfg = model_config(tokenizer.vocab_size)
+    mcfg = model_config(tokenizer.vocab_size, args.attention_block)
     graphdef, params = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(0)))
     results, steps = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,7 +187,7 @@ def main() -> None:
         r["speedup_per_group"] = round(padded / t * r["groups_per_batch"] / NG, 2)
         r["token_ratio"] = round(results[0]["tokens_per_batch"] / r["tokens_per_batch"], 2)
 
-    header = (f"{'variant':<36}{'R×S':>9}{'N':>4}{'tokens':>8}{'real':>8}{'groups/b':>9}"
+    header = (f"{'variant':<41}{'R×S':>9}{'N':>4}{'tokens':>8}{'real':>8}{'groups/b':>9}"
               f"{'full':>6}{'step ms':>9}{'speedup':>9}{'per group':>10}")
     print(f"model: {mcfg.num_params() / 1e6:.2f}M parameters; {NG} pairs per batch; group "
           f"tokens (share_prefix) mean {np.mean(group_tokens['share_prefix']):.1f}, "
@@ -187,7 +196,7 @@ def main() -> None:
     print(header)
     for r in results:
         shape = f"{r['rows']}×{r['seq_len']}"
-        print(f"{r['variant']:<36}{shape:>9}{r['node_slots']:>4}{r['tokens_per_batch']:>8}"
+        print(f"{r['variant']:<41}{shape:>9}{r['node_slots']:>4}{r['tokens_per_batch']:>8}"
               f"{r['real_tokens_per_batch']:>8}{r['groups_per_batch']:>9}{r['full_batches']:>6}"
               f"{r['step_ms']:>9}{r['speedup']:>9}{r['speedup_per_group']:>10}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -195,7 +204,8 @@ def main() -> None:
         "benchmark": "layout_throughput", "records": args.records, "repeats": args.repeats,
         "max_length": MAX_LENGTH, "batch_size": NG,
         "model": {"params": mcfg.num_params(), "hidden_size": mcfg.hidden_size,
-                  "num_layers": mcfg.num_layers, "vocab_size": mcfg.vocab_size},
+                  "num_layers": mcfg.num_layers, "vocab_size": mcfg.vocab_size,
+                  "attention": mcfg.attention, "attention_block": mcfg.attention_block},
         "group_tokens": {layout: {"mean": round(float(np.mean(v)), 1),
                                   "p90": float(np.percentile(v, 90)), "max": int(np.max(v))}
                          for layout, v in group_tokens.items()},

@@ -52,12 +52,12 @@ def _device_count(argv: list[str]) -> int:
     return 8
 
 
-# Fake CPU devices must be requested before jax is imported.
-os.environ["JAX_PLATFORMS"] = "cpu"
-_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
-os.environ["XLA_FLAGS"] = " ".join(
-    _FLAGS + [f"--xla_force_host_platform_device_count={_device_count(sys.argv)}"])
+if __name__ == "__main__":  # fake CPU devices must be requested before jax is imported
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    _FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split()
+              if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(
+        _FLAGS + [f"--xla_force_host_platform_device_count={_device_count(sys.argv)}"])
 
 import jax
 import jax.numpy as jnp

@@ -93,9 +93,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
-        # Built block by block, drawing from `rngs` in the same order as an unstacked model (a
-        # seed gives the same weights at any depth), then stacked. Init runs once; the step
-        # only ever traces one block.
+        # Built block by block, drawing from `rngs` in the order the unstacked model did (a
+        # seed gives the weights it always gave), then stacked. Init traces every block once;
+        # the forward and backward passes trace one.
         self.layers = stack_blocks([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         if not cfg.tie_word_embeddings:

@@ -342,6 +342,16 @@ def print_measure(r: dict):
           f"{r['compile_seconds']:>9.1f}", flush=True)
 
 
+def per_layer(projection: dict, part: str) -> float:
+    """Bytes per chip that one more layer adds to ``part``."""
+    if part == "peak":
+        return sum(per_layer(projection, k) for k in PARTS if k != "peak")
+    value = projection["per_device_at_layers"][part + "_per_layer"]
+    if part in ("params", "opt_state", "reference"):  # sharded over the chips
+        value *= projection["from_devices"] / projection["chips"]
+    return value
+
+
 def print_projection(projections: list[dict]):
     print(f"\nprojected to {projections[0]['layers']} layers, per chip at "
           f"{projections[0]['chips']} chips (GiB):")
@@ -350,11 +360,7 @@ def print_projection(projections: list[dict]):
           + " " + " ".join(f"{'/layer@' + str(p['from_devices']):>12}" for p in projections))
     for part in PARTS:
         vals = " ".join(f"{p['per_chip'][part] / GIB:>12.2f}" for p in projections)
-        slopes = " ".join(
-            f"{p['per_device_at_layers'][part + '_per_layer'] * p['from_devices'] / p['chips'] / GIB:>12.3f}"
-            if part in ("params", "opt_state", "reference") else
-            f"{p['per_device_at_layers'][part + '_per_layer'] / GIB:>12.3f}"
-            for p in projections)
+        slopes = " ".join(f"{per_layer(p, part) / GIB:>12.3f}" for p in projections)
         print(f"{part:>10} {vals} {slopes}")
     for p in projections:
         print(f"from {p['from_devices']} devices: peak {p['per_chip']['peak'] / GIB:.1f} GiB per "

@@ -5,22 +5,27 @@
 
 The real train step (``Run.train_step``: policy forward + backward, frozen reference forward,
 DPO, AdamW update, one ``jax.jit``) of a Llama-family decoder — hidden 512, 8 layers, 8 heads
-(head width 64), MLP 1536, vocab 8192, untied, float32 — on 8 synthetic preference pairs per
-step (prompts of 80–120 tokens, chosen and rejected of 30–70, token ids drawn uniformly; the
-same pairs for every layout), packed by :func:`jaxpo.data.batcher.pack_groups`: ``padded``
-(a row of ``max_length`` per response), ``packed`` and ``share_prefix`` (rows of
-``--seq-len``, as few as the pairs fit in). The step is compiled and run once before timing;
-time is the median wall of ``--steps`` steps.
+(head width 64), MLP 1536, vocab 8192, untied, float32, no remat, blockwise attention — on 8
+synthetic preference pairs per step (prompts of 80–120 tokens, chosen and rejected of 30–70,
+token ids drawn uniformly; the same pairs for every layout), packed by
+:func:`jaxpo.data.batcher.pack_groups`: ``padded`` (a row of the longest prompt + response per
+response), ``packed`` and ``share_prefix`` (the fewest rows of ``--seq-len`` tokens the pairs
+fit in, first fit). A last row repeats ``share_prefix`` with a smaller attention block
+(``--small-block``), which skips more of the block pairs that the tree mask hides. Each step is
+compiled and run once before timing; time is the median wall of ``--steps`` steps.
 
 Useful tokens are the real (non-padding) tokens of the batch; ``pairs/s`` counts the same 8
-pairs for every layout. MFU = model FLOPs per step / step time / measured peak, where model
-FLOPs = ``8·N·T``: ``6·N·T`` policy forward + backward and ``2·N·T`` reference forward, ``N`` the
-parameters that multiply (all but the input embedding, a gather), ``T`` the real tokens.
-``mfu+attn`` adds the attention matmuls: ``16·L·H·hd·Σ_q visible(q)`` (QKᵀ and PV, 3x for
-the policy's forward + backward, 1x for the reference; ``visible(q)`` the keys token q sees in
-the tree). The peak is a measured one: the best of several runs of a jitted fp32
-2048x2048x2048 matmul, measured before and after the steps. Results go to
-``benchmarks/results/step_throughput.json``.
+pairs for every layout. ``mfu`` = model FLOPs per step / step time / measured peak, where model
+FLOPs = ``8·N·T``: ``6·N·T`` policy forward + backward and ``2·N·T`` reference forward, ``N``
+the parameters that multiply (all but the input embedding, a gather), ``T`` the real tokens.
+``mfu+attn`` adds the attention matmuls of the visible keys, ``16·L·H·hd·Σ_q visible(q)``
+(QKᵀ and PV, 3x for the policy's forward + backward, 1x for the reference). ``mfu cpu`` is
+``mfu`` per process-CPU second against the matmul's FLOPs per CPU second (less sensitive to a
+shared machine; it also forgives serial stretches). ``hfu`` is the matmul FLOPs the step
+actually computes (counted from its jaxpr as in ``scale_projection.py``: padding, masked
+attention blocks of the causal triangle, recomputation) / time / peak. The peak is measured:
+the best of ``--peak-repeats`` runs of a jitted fp32 2048x2048x2048 matmul, before and after
+the steps (the larger is used). Results go to ``benchmarks/results/step_throughput.json``.
 """
 
 from __future__ import annotations
@@ -133,9 +138,10 @@ def matmul_peak(size: int, repeats: int) -> tuple[float, float]:
     return 2.0 * size**3 / wall, 2.0 * size**3 / cpu
 
 
-def time_layout(run: Run, groups, layout: str, seq_len: int, steps: int, params) -> dict:
+def time_layout(run: Run, groups, layout: str, seq_len: int, steps: int, params,
+                model_cfg: ModelConfig) -> dict:
     batch, cfg = pack(groups, layout, seq_len)
-    r = with_model(run, run.model_cfg, cfg.node_slots)
+    r = with_model(run, model_cfg, cfg.node_slots)
     host = stack({k: batch[k] for k in BATCH_KEYS})  # one micro-batch: [1, ...]
     device_batch = jax.device_put(host)
     ref = r.reference_params(params)
@@ -146,8 +152,6 @@ def time_layout(run: Run, groups, layout: str, seq_len: int, steps: int, params)
     state, metrics = step(state, ref, device_batch)  # compile + first step
     jax.block_until_ready(metrics)
     compile_seconds = time.perf_counter() - start
-    state, metrics = step(state, ref, device_batch)  # one more untimed step
-    jax.block_until_ready(metrics)
     wall, cpu = [], []
     for _ in range(steps):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -159,10 +163,10 @@ def time_layout(run: Run, groups, layout: str, seq_len: int, steps: int, params)
     assert np.isfinite(loss), loss
     real = int(np.count_nonzero(batch["segment"]))
     unique = sum(len(t) for g in groups for t in g.node_tokens)
-    return {"layout": layout, "rows": cfg.num_rows, "seq_len": cfg.seq_len,
-            "node_slots": cfg.node_slots, "slots": cfg.num_rows * cfg.seq_len,
-            "real_tokens": real, "unique_tokens": unique, "fill": real / (cfg.num_rows *
-                                                                         cfg.seq_len),
+    slots = cfg.num_rows * cfg.seq_len
+    return {"layout": layout, "attention_block": model_cfg.attention_block,
+            "rows": cfg.num_rows, "seq_len": cfg.seq_len, "node_slots": cfg.node_slots,
+            "slots": slots, "real_tokens": real, "unique_tokens": unique, "fill": real / slots,
             "visible_keys": visible_keys(batch), "pairs": len(groups),
             "seconds": statistics.median(wall), "cpu_seconds": statistics.median(cpu),
             "all_seconds": wall, "compile_seconds": compile_seconds, "loss": loss,
@@ -178,15 +182,16 @@ def flops(row: dict, cfg: ModelConfig) -> tuple[float, float]:
 
 
 def print_header():
-    print(f"{'layout':>12} {'R x S':>9} {'fill':>5} {'real tok':>8} {'sec/step':>8} "
+    print(f"{'layout':>12} {'block':>5} {'R x S':>9} {'fill':>5} {'real tok':>8} {'sec/step':>8} "
           f"{'cpu s':>6} {'tok/s':>6} {'pairs/s':>7} {'GFLOP/s':>7} {'mfu':>6} {'mfu cpu':>7} "
           f"{'mfu+attn':>8} {'hfu':>6}", flush=True)
 
 
 def print_row(r: dict):
     shape = f"{r['rows']}x{r['seq_len']}"
-    print(f"{r['layout']:>12} {shape:>9} {r['fill']:>5.2f} {r['real_tokens']:>8} "
-          f"{r['seconds']:>8.2f} {r['cpu_seconds']:>6.2f} {r['tokens_per_sec']:>6.0f} "
+    print(f"{r['layout']:>12} {r['attention_block']:>5} {shape:>9} {r['fill']:>5.2f} "
+          f"{r['real_tokens']:>8} {r['seconds']:>8.2f} {r['cpu_seconds']:>6.2f} "
+          f"{r['tokens_per_sec']:>6.0f} "
           f"{r['pairs_per_sec']:>7.3f} {r['model_flops_per_sec'] / 1e9:>7.1f} {r['mfu']:>6.3f} "
           f"{r['mfu_cpu']:>7.3f} {r['mfu_with_attention']:>8.3f} {r['hfu']:>6.3f}", flush=True)
 
@@ -199,6 +204,8 @@ def main():
                         help="row length of packed / share_prefix")
     parser.add_argument("--attention-block", type=int, default=MODEL.attention_block,
                         help="blockwise attention block (the model default unless set)")
+    parser.add_argument("--small-block", type=int, default=128,
+                        help="also time share_prefix with this attention block (0 = no)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout")
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--peak-repeats", type=int, default=10)
@@ -218,15 +225,19 @@ def main():
           f"{os.getloadavg()[0]:.1f}); model {state_lib.count_params(params) / 1e6:.1f}M "
           f"params", flush=True)
     rows = []
-    for layout in args.layouts.split(","):
-        row = time_layout(run, groups, layout, args.seq_len, args.steps, params)
-        model, attention = flops(row, model_cfg)
+    cases = [(layout, model_cfg) for layout in args.layouts.split(",")]
+    if args.small_block and args.small_block != model_cfg.attention_block:
+        cases.append(("share_prefix", model_cfg.replace(attention_block=args.small_block)))
+    for layout, cfg in cases:
+        row = time_layout(run, groups, layout, args.seq_len, args.steps, params, cfg)
+        model, attention = flops(row, cfg)
         row |= {"model_flops": model, "attention_flops": attention,
                 "tokens_per_sec": row["real_tokens"] / row["seconds"],
                 "pairs_per_sec": row["pairs"] / row["seconds"],
                 "model_flops_per_sec": model / row["seconds"]}
         rows.append(row)
-        print(f"  {layout}: {row['seconds']:.2f} s/step (compile + first step "
+        print(f"  {layout} (block {cfg.attention_block}): {row['seconds']:.2f} s/step "
+              f"(compile + first step "
               f"{row['compile_seconds']:.1f} s)", flush=True)
     peaks.append(matmul_peak(args.peak_size, args.peak_repeats))
     peak, peak_cpu = max(p[0] for p in peaks), max(p[1] for p in peaks)
@@ -240,7 +251,8 @@ def main():
         print_row(row)
     print(f"peak {peak / 1e9:.1f} GFLOP/s wall (before {peaks[0][0] / 1e9:.1f}, after "
           f"{peaks[1][0] / 1e9:.1f}), {peak_cpu / 1e9:.1f} GFLOP per CPU-second")
-    target = next((r for r in rows if r["layout"] == TARGET["layout"]), None)
+    target = next((r for r in rows if r["layout"] == TARGET["layout"]
+                   and r["attention_block"] == model_cfg.attention_block), None)
     verdict = None
     if target is not None:
         met = target["mfu"] >= TARGET["mfu"]
@@ -255,7 +267,8 @@ def main():
         "benchmark": "step_throughput",
         "what": "Run.train_step (policy fwd+bwd, reference fwd, DPO, AdamW) on "
                 f"{args.pairs} synthetic pairs per step (prompt 80-120, responses 30-70 "
-                f"tokens), per layout; median of {args.steps} steps after compile + 1 step",
+                f"tokens), per layout; median of {args.steps} steps after compile + 1 step; "
+                f"the last row share_prefix again with attention block {args.small_block}",
         "model": dataclasses.asdict(model_cfg) | {
             "num_params": n, "matmul_params": n - model_cfg.vocab_size * model_cfg.hidden_size},
         "mfu_formula": "8*N*T / seconds / peak; N = params minus the input embedding, T = real "

@@ -17,8 +17,9 @@ config, nor own data or model, nor a workdir of another run is the embedded demo
 
 Exit status: 0 done; 1 a failure (a traceback for errors raised inside a library, a message
 for a run stopped on non-finite values); 2 a bad command line, config or input (one line that
-names the flag, field, file or line); 143 (128 + SIGTERM) a run pre-empted by SIGTERM after
-saving its checkpoint, so schedulers can tell pre-emption from completion.
+names the flag, field, file or line); 130 interrupted (Ctrl-C); 143 (128 + SIGTERM) a run
+pre-empted by SIGTERM after saving its checkpoint, so schedulers can tell pre-emption from
+completion.
 """
 
 from __future__ import annotations
@@ -266,6 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except loop.NonFiniteError as e:
         print(f"jaxpo {command}: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Checkpoints appear atomically when complete: an interrupted save leaves none behind.
+        print(f"jaxpo {command}: interrupted; a rerun resumes from the newest complete "
+              "checkpoint", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, KeyError) as e:
         if os.environ.get("JAXPO_DEBUG") or not _raised_by_jaxpo(e):
             raise  # a bug, or an error inside a library: keep the traceback (exit 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +22,11 @@ from jaxpo.data import (
     resolve_batch_shapes,
     row_length,
 )
+from jaxpo.data.errors import BadRecordError
+from jaxpo.data.groups import GroupBuilder
 from jaxpo.data.shapes import FULL_TARGET, simulate_packing
+from jaxpo.data.sources import RecordSource
+from jaxpo.data.tokenize import Tokenizer
 
 
 def pairs(n, seed=0, prompt=(50, 90), response=(10, 30), start=0):
@@ -213,3 +219,19 @@ def test_a_batch_out_of_rows_carries_fewer_groups():
         np.testing.assert_array_equal(b["group_mask"], np.arange(8) < g)
         assert (b["group_id"][g:] == -1).all() and not b["response_mask"][g:].any()
         assert (b["response_nodes"][g:] == -1).all()
+
+
+def test_a_bad_record_in_the_sample_is_left_to_the_iterator(tmp_path):
+    rows = [{"prompt": "Hi there.", "chosen": " A.", "rejected": " B."}] * 9
+    rows[4] = {"prompt": "Hi.", "chosen": " A.", "rejected": " A."}  # identical_responses
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = Tokenizer.from_dir(os.path.join(os.path.dirname(__file__), "fixtures", "data",
+                                          "tokenizer_llama3"))
+    cfg = DataConfig(max_length=32, batch_size=4)
+    builder = GroupBuilder(tok, cfg)
+    plan = plan_batch_shapes(cfg, RecordSource(str(path)), builder)
+    assert (plan.records, plan.groups, plan.config.rows) == (9, 8, 1)
+    assert builder.counters.as_metrics().get("data/groups", 0) == 0  # counters untouched
+    with pytest.raises(BadRecordError, match="pairs.jsonl:5"):
+        list(make_eval_iterator(RecordSource(str(path)), builder, plan.config))

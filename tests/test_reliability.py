@@ -246,3 +246,59 @@ def test_corrupt_parquet_names_the_file(tmp_path, capsys):
     path = tmp_path / "pairs.parquet"
     path.write_bytes(b"PAR1 this is not parquet PAR1")
     assert f"{path}: not a valid parquet file" in _train_on(tmp_path, path, capsys)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no records (the file is empty)"),
+    ("\n\n\n", "no records (only blank lines)"),
+])
+def test_an_empty_data_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(content)
+    assert f"{path}: {message}" in _train_on(tmp_path, path, capsys)
+
+
+def test_a_file_where_every_record_is_dropped_stops_at_once(tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "sort: " + "a " * 200 + "->", "chosen": " a", "rejected": " b"}] * 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status = cli.main(["train", PRESET, f"--workdir={tmp_path / 'w'}", "--no-progress", *SMALL,
+                       f"--config.data.train_files={path}", f"--config.data.eval_files={path}",
+                       "--config.data.max_prompt_length=0"])  # no prompt cut: all too long
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"no usable records in {path}" in err and "3 read" in err
+
+
+def test_a_record_over_the_size_limit_is_a_file_line_error(tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "sort: b a ->", "chosen": " a b", "rejected": " b a"},
+            {"prompt": "x" * 5000, "chosen": " a", "rejected": " b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    status = cli.main(["train", PRESET, f"--workdir={tmp_path / 'w'}", "--no-progress", *SMALL,
+                       f"--config.data.train_files={path}", f"--config.data.eval_files={path}",
+                       "--config.data.max_record_bytes=1000", "--config.data.shuffle=false"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"{path}:2" in err and "over data.max_record_bytes=1000" in err
+
+
+def test_ctrl_c_is_one_line_with_status_130(monkeypatch, capsys):
+    def interrupted(flags, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.HANDLERS, "plot", interrupted)
+    assert cli.main(["plot", "--workdir=x"]) == 130
+    assert "interrupted; a rerun resumes" in capsys.readouterr().err
+
+
+def test_pro_and_infonca_get_raw_rewards_by_default():
+    from jaxpo.train.setup import build_run
+
+    def mapping(name, **data):
+        mode = "none" if name == "pro" else "model"
+        config = replace(Config(), {"loss": {"name": name}, "reference": {"mode": mode},
+                                    "data": {"format": "list", **data}})
+        return build_run(config).label_mapping
+
+    assert mapping("pro") == "raw" and mapping("lipo_lambda", max_responses=4) == "minmax"
+    assert mapping("pro", label_mapping="minmax") == "minmax"  # the config wins

@@ -45,6 +45,7 @@ import numpy as np
 
 from jaxpo.config import DataConfig
 from jaxpo.data.batcher import BatchConfig, node_slots, num_rows, row_length
+from jaxpo.data.errors import BadRecordError
 from jaxpo.data.pipeline import BuildGroup
 
 SAMPLE_SIZE = 256  # records built to measure the groups
@@ -147,7 +148,8 @@ def sample_sizes(data_cfg: DataConfig, source: Sequence[Any], builder: Any,
 
     The records are ``sample_size`` indices evenly spread over ``source`` (all of them when it
     is smaller), built and cut as the pipeline does; groups longer than a row (tokens, or
-    explicit ``data.node_slots``) are left out, as the pipeline drops them.
+    explicit ``data.node_slots``) are left out, as the pipeline drops them, and so are bad
+    records under ``on_bad_record="error"`` (the iterator raises when the run reaches one).
     """
     n = len(source)
     if n == 0 or sample_size < 1:
@@ -157,7 +159,10 @@ def sample_sizes(data_cfg: DataConfig, source: Sequence[Any], builder: Any,
     build = BuildGroup(builder, cfg)
     sizes = []
     for i in index.tolist():
-        _, group, units, _ = build(i, source[i])
+        try:
+            _, group, units, _ = build(i, source[i])
+        except BadRecordError:  # the pipeline reports it if the run reaches it
+            continue
         if group is None:
             continue
         tokens = [u.num_tokens for u in units]

@@ -17,6 +17,7 @@ gradients stay non-finite for ``train.max_skipped_steps`` consecutive updates st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import signal
@@ -31,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpo.config import Config, differences, from_dict
+from jaxpo.data import resolve_batch_shapes
 from jaxpo.data.errors import BadRecordError
 from jaxpo.sharding import batch_shardings, make_global_batch
 from jaxpo.train import checkpoint as ckpt_lib
@@ -70,8 +72,8 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict[str, A
 
 
 def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> dict[str, Any]:
-    run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir)
+    config, run = resolved_run(config, train_files)
     builders = _builders(run, train_files, eval_files)
     with_ref = run.reference_mode == "precomputed"
     it = inputs.train_iterator(config, train_files, builders["train"], with_ref_logps=with_ref)
@@ -141,10 +143,10 @@ def evaluate(config: Config, workdir: str | None = None, *, untrained: bool = Fa
              ) -> dict[str, Any]:
     """Eval metrics (``eval/``-prefixed) on ``data.eval_files`` (or the synthetic held-out
     split) for the newest checkpoint in ``workdir`` (the untrained model only when asked)."""
-    run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir or tempfile.mkdtemp("jaxpo"))
     if not eval_files:
         raise ValueError("config.data.eval_files is empty: nothing to evaluate on")
+    config, run = resolved_run(config, train_files or eval_files)
     builders = _builders(run, train_files, eval_files)
     params, ref_params, step = load_params(run, workdir, untrained=untrained)
     evaluator = _Evaluator(run, eval_files, builders["eval"],
@@ -154,6 +156,21 @@ def evaluate(config: Config, workdir: str | None = None, *, untrained: bool = Fa
     if note:
         print(note, file=sys.stderr)
     return out
+
+
+def resolved_run(config: Config, train_files: tuple[str, ...]) -> tuple[Config, Run]:
+    """The run with its batch shapes fixed from the data (``data.rows``, ``data.node_slots``,
+    ``data.tokens_per_batch``: :func:`jaxpo.data.resolve_batch_shapes`, on a sample of the
+    training records), and the config that holds them (what checkpoints store)."""
+    run = build_run(config)
+    builder = inputs.group_builder(config, run.tokenizer, run.label_mapping, run.objective.kinds)
+    data = resolve_batch_shapes(config.data, inputs.source(config, train_files), builder,
+                                process_count=jax.process_count(),
+                                row_multiple=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
+    if data == config.data:
+        return config, run
+    config = dataclasses.replace(config, data=data)
+    return config, build_run(config)
 
 
 def load_params(run: Run, workdir: str | None, *, untrained: bool = False
@@ -203,8 +220,8 @@ def precompute_reference(config: Config, out_dir: str, workdir: str | None = Non
     Returns:
       ``{"dir", "hash", "records": {split: n}}``.
     """
-    run = build_run(config)
     train_files, eval_files = inputs.data_files(config, workdir or out_dir)
+    config, run = resolved_run(config, train_files)
     params = run.initial_params()
     files = {"train": train_files, "eval": eval_files}
     key = ref_lib.cache_key(run.model_cfg, params, inputs.tokenizer_dir(config), config.data,

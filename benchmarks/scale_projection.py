@@ -17,7 +17,9 @@ reference shares of the arguments from the shardings); each part is extrapolated
 the layer count to 32 layers. From ``--devices`` to ``--chips``, the sharded state is scaled by
 ``devices / chips`` and temp is kept (same rows per device; the part of temp that is sharded
 state, e.g. gradients, shrinks with more chips, so this is an upper bound). ``--check-devices``
-repeats the compile on that many fake devices, which needs no device scaling.
+repeats the compile on that many fake devices, which needs no device scaling. XLA:CPU keeps
+some bf16 activations in f32, so a lower estimate is printed beside: temp growing per layer by
+only the activations the layer scan saves, at their program size (from the jaxpr).
 
 FLOPs per step are counted from the step's jaxpr (matmuls: ``2·M·N·K`` per ``dot_general``,
 scan bodies times their length, remat recomputation included), because XLA's

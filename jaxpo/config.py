@@ -181,9 +181,13 @@ class LossConfig:
     beta: float | None = None  # None = the objective's paper default
     kwargs: str = ""  # extra hyperparameters "label_smoothing=0.1,gamma=0.5"
     modifier: str = ""  # ""|wpo (WPO weights)|ld (LD-DPO; α = kwargs ld_alpha, or alpha)
+    # KTO's reference point z0: mismatched (as TRL: each prompt with another example's
+    # completion, an extra no-gradient forward) | matched (the batch's own pairs, no extra cost)
+    kto_kl: str = "mismatched"
 
     def __post_init__(self):
         _choices("loss", "modifier", self.modifier, ("", "wpo", "ld"))
+        _choices("loss", "kto_kl", self.kto_kl, ("mismatched", "matched"))
         _finite("loss", self)
         if not self.name.strip():
             raise ValueError("config.loss.name is empty; give a jaxpo.losses name, e.g. 'dpo'")

@@ -252,6 +252,7 @@ class BatchBuilder:
         self.row_nodes = np.zeros(R, np.int64)  # [R] node slots used
         self.row_groups = np.zeros(R, np.int64)  # [R] segments used
         self.num_groups = 0
+        self.groups: list[TokenizedGroup] = []  # placed, in group-slot order
 
     @property
     def full(self) -> bool:
@@ -281,6 +282,7 @@ class BatchBuilder:
         if self.cfg.with_ref_logps:
             self.arrays["ref_logps"][g, :K] = group.ref_logps
         self.num_groups += 1
+        self.groups.append(group)
         return True
 
     def _write(self, g: int, row: int, unit: Unit) -> None:

@@ -47,6 +47,7 @@ from absl import flags
 from jaxpo.config import DataConfig
 from jaxpo.data.batcher import BatchBuilder, BatchConfig, check_shapes, fits_in_row
 from jaxpo.data.layout import group_units
+from jaxpo.data.mismatched import mismatched_pairs
 from jaxpo.data.types import TokenizedGroup
 
 COUNTER_KEYS = ("records_read", "records_skipped", "groups_dropped_too_long", "groups_packed",
@@ -96,20 +97,25 @@ class PackIterDataset(grain.IterDataset):
       row_offset: global index of this process's first row.
       shard_len: records per epoch in this shard (for the ``epoch`` counter).
       name: the source, for messages (its files).
+      mismatched_max_length: when > 0, each batch also holds its mismatched prompt/completion
+        pairs (``kl_*`` arrays, :mod:`jaxpo.data.mismatched`) cut to this length.
     """
 
     def __init__(self, parent: grain.IterDataset, indexed: grain.MapDataset, cfg: BatchConfig,
-                 *, window: int, row_offset: int, shard_len: int, name: str = "the records"):
+                 *, window: int, row_offset: int, shard_len: int, name: str = "the records",
+                 mismatched_max_length: int = 0):
         super().__init__(parent)
         if window < 1:
             raise ValueError(f"window: must be >= 1, got {window}")
         self._indexed, self._cfg, self._window = indexed, cfg, window
         self._row_offset, self._shard_len, self._name = row_offset, max(shard_len, 1), name
+        self._mismatched = mismatched_max_length
 
     def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), self._indexed, self._cfg,
                             window=self._window, row_offset=self._row_offset,
-                            shard_len=self._shard_len, name=self._name)
+                            shard_len=self._shard_len, name=self._name,
+                            mismatched_max_length=self._mismatched)
 
     def __str__(self) -> str:
         return f"PackIterDataset(layout={self._cfg.layout}, window={self._window})"
@@ -120,9 +126,10 @@ class PackIterator(grain.DatasetIterator):
 
     def __init__(self, parent: grain.DatasetIterator, indexed: grain.MapDataset,
                  cfg: BatchConfig, *, window: int, row_offset: int, shard_len: int,
-                 name: str = "the records"):
+                 name: str = "the records", mismatched_max_length: int = 0):
         super().__init__(parent)
         self._indexed, self._cfg, self._window = indexed, cfg, window
+        self._mismatched = mismatched_max_length
         self._row_offset, self._shard_len, self._name = row_offset, shard_len, name
         self._pending: list[tuple[int, TokenizedGroup, list]] = []
         self._exhausted = False
@@ -157,7 +164,11 @@ class PackIterator(grain.DatasetIterator):
             raise StopIteration
         self.counters["groups_packed"] += builder.num_groups
         self.counters["batches"] += 1
-        return builder.finish()
+        batch = builder.finish()
+        if self._mismatched:  # KTO's reference point (jaxpo.data.mismatched)
+            batch |= mismatched_pairs(builder.groups, self._cfg, self._row_offset,
+                                      self._mismatched)
+        return batch
 
     def _usable(self) -> int:
         """Records read so far that became a group of a batch (packed, pending or placed)."""
@@ -205,6 +216,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     with_ref_logps: bool = False,
+    mismatched_pairs: bool = False,
 ) -> PackIterator:
     """The training iterator: batches of this process's slice of the global batch.
 
@@ -220,6 +232,8 @@ def make_train_iterator(
       num_epochs: passes over the data; None repeats forever.
       process_index, process_count: this process and the number of processes.
       with_ref_logps: include the groups' precomputed ``ref_logps [NG, K]``.
+      mismatched_pairs: include each batch's mismatched prompt/completion pairs (``kl_*``
+        arrays, :mod:`jaxpo.data.mismatched`: KTO's reference point).
 
     Returns:
       An iterator of batch dicts (docs/architecture.md §2) with ``get_state()``/``set_state()``
@@ -232,7 +246,8 @@ def make_train_iterator(
     """
     return _iterator(source, builder, data_cfg, shuffle=data_cfg.shuffle, seed=seed,
                      num_epochs=num_epochs, process_index=process_index,
-                     process_count=process_count, with_ref_logps=with_ref_logps)
+                     process_count=process_count, with_ref_logps=with_ref_logps,
+                     mismatched_pairs=mismatched_pairs)
 
 
 def make_eval_iterator(
@@ -243,17 +258,18 @@ def make_eval_iterator(
     process_index: int = 0,
     process_count: int = 1,
     with_ref_logps: bool = False,
+    mismatched_pairs: bool = False,
 ) -> PackIterator:
     """One pass in order (``data_cfg.shuffle`` is ignored); the last batch is padded with
     empty groups. Arguments as for :func:`make_train_iterator`."""
     return _iterator(source, builder, data_cfg, shuffle=False, seed=0, num_epochs=1,
                      process_index=process_index, process_count=process_count,
-                     with_ref_logps=with_ref_logps)
+                     with_ref_logps=with_ref_logps, mismatched_pairs=mismatched_pairs)
 
 
 def _iterator(source, builder, data_cfg: DataConfig, *, shuffle: bool, seed: int,
               num_epochs: int | None, process_index: int, process_count: int,
-              with_ref_logps: bool) -> PackIterator:
+              with_ref_logps: bool, mismatched_pairs: bool = False) -> PackIterator:
     cfg = BatchConfig.from_data_config(data_cfg, process_count=process_count,
                                        with_ref_logps=with_ref_logps)
     if not 0 <= process_index < process_count:
@@ -281,7 +297,8 @@ def _iterator(source, builder, data_cfg: DataConfig, *, shuffle: bool, seed: int
             num_workers=data_cfg.num_workers, per_worker_buffer_size=16))
     packed = PackIterDataset(it_ds, ds, cfg, window=2 * cfg.batch_size,
                              row_offset=process_index * cfg.num_rows, shard_len=shard_len,
-                             name=name)
+                             name=name,
+                             mismatched_max_length=data_cfg.max_length if mismatched_pairs else 0)
     return packed.__iter__()
 
 

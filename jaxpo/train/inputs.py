@@ -111,15 +111,18 @@ def _processes() -> dict[str, int]:
 
 
 def train_iterator(config: Config, files: tuple[str, ...], builder: Any, *,
-                   with_ref_logps: bool = False) -> PackIterator:
+                   with_ref_logps: bool = False, mismatched_pairs: bool = False
+                   ) -> PackIterator:
     """The shuffled, repeating training iterator (``get_state``/``set_state``, ``counters``)."""
     return make_train_iterator(source(config, files), builder, config.data,
                                seed=config.train.seed, with_ref_logps=with_ref_logps,
-                               **_processes())
+                               mismatched_pairs=mismatched_pairs, **_processes())
 
 
 def eval_iterator(config: Config, files: tuple[str, ...], builder: Any, *,
-                  with_ref_logps: bool = False) -> PackIterator:
+                  with_ref_logps: bool = False, mismatched_pairs: bool = False
+                  ) -> PackIterator:
     """One ordered pass over ``files``."""
     return make_eval_iterator(source(config, files), builder, config.data,
-                              with_ref_logps=with_ref_logps, **_processes())
+                              with_ref_logps=with_ref_logps, mismatched_pairs=mismatched_pairs,
+                              **_processes())

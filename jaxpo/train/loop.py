@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxpo.config import Config, differences, from_dict
 from jaxpo.data import resolve_batch_shapes
 from jaxpo.data.errors import BadRecordError
+from jaxpo.data.mismatched import KL_KEYS
 from jaxpo.sharding import batch_shardings, make_global_batch
 from jaxpo.train import checkpoint as ckpt_lib
 from jaxpo.train import inputs
@@ -76,7 +77,8 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
     config, run = resolved_run(config, train_files)
     builders = _builders(run, train_files, eval_files)
     with_ref = run.reference_mode == "precomputed"
-    it = inputs.train_iterator(config, train_files, builders["train"], with_ref_logps=with_ref)
+    it = inputs.train_iterator(config, train_files, builders["train"], with_ref_logps=with_ref,
+                               mismatched_pairs=run.mismatched_pairs)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     state, ref_params, resumed = _start(run, ckpt, it)
     start, total = int(state.step), config.train.steps
@@ -85,7 +87,7 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
     logger = _Logger(run, it, writer, bar, start)
     evaluator = _Evaluator(run, eval_files, builders["eval"], with_ref) if eval_files else None
     step_fn, shardings, last_eval = None, None, {}
-    keys = BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
+    keys = _batch_keys(run, with_ref)
     try:
         for update in range(start, total):
             position = it.get_state()
@@ -501,6 +503,12 @@ def _data_counters(counters: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _batch_keys(run: Run, with_ref: bool) -> tuple[str, ...]:
+    """The batch entries the steps read."""
+    return (BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
+            + (KL_KEYS if run.mismatched_pairs else ()))
+
+
 def _eval_due(config: Config, done: int) -> bool:
     every = config.train.eval_every
     return done == config.train.steps or (every > 0 and done % every == 0)
@@ -515,14 +523,15 @@ class _Evaluator:
     def __init__(self, run: Run, files, builder, with_ref: bool):
         self.run, self.files, self.builder, self.with_ref = run, files, builder, with_ref
         self.fn = run.eval_step()
-        self.keys = BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
+        self.keys = _batch_keys(run, with_ref)
 
     def __call__(self, params, ref_params) -> dict[str, float]:
         run = self.run
         sums: dict[str, float] = {}
         batches, groups = 0, 0.0
         it = inputs.eval_iterator(run.config, self.files, self.builder,
-                                  with_ref_logps=self.with_ref)
+                                  with_ref_logps=self.with_ref,
+                                  mismatched_pairs=run.mismatched_pairs)
         for i, local in enumerate(it):
             if run.config.train.eval_batches and i >= run.config.train.eval_batches:
                 break

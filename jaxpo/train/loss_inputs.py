@@ -50,12 +50,15 @@ class LogpSpec:
       num_nodes: ``N``, node slots per row of the batches.
       chunk_size: sequence positions per log-prob chunk (no ``[R, S, V]`` logits).
       reference_mode: ``model``, ``precomputed`` or ``none``.
+      mismatched_kl: KTO's reference point from the batch's mismatched pairs (``kl_*``
+        arrays, :mod:`jaxpo.data.mismatched`) instead of its own pairs.
     """
 
     graphdef: nnx.GraphDef
     num_nodes: int
     chunk_size: int = 256
     reference_mode: str = "model"
+    mismatched_kl: bool = False
 
 
 def forward(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -231,11 +234,31 @@ def batch_inputs(spec: LogpSpec, objective: losses.Objective, params: Any, ref_p
         reference = _reference(spec, ref_params, batch)
     if "step_similarity" in needs and batch["response_nodes"].shape[-1] > 1:
         fields["step_similarity"] = step_similarity(hidden, batch, spec.num_nodes)
-    return loss_inputs(policy, reference, batch, kto_kl="kto_kl" in needs, **fields)
+    if "kto_kl" in needs and spec.mismatched_kl:
+        fields["kto_kl"] = mismatched_kl(spec, params, ref_params, batch)
+    matched = "kto_kl" in needs and "kto_kl" not in fields
+    return loss_inputs(policy, reference, batch, matched_kto_kl=matched, **fields)
+
+
+def mismatched_kl(spec: LogpSpec, params: Any, ref_params: Any, batch: Batch) -> jax.Array:
+    """KTO's reference point as TRL estimates it: the mean over the batch's mismatched pairs
+    (``kl_*`` arrays) of ``log π_θ − log π_ref``, clamped at 0, without gradient ``[]``."""
+    kl_batch = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+    if "tokens" not in kl_batch:
+        raise ValueError("loss.kto_kl='mismatched' but the batch has no mismatched pairs "
+                         "(kl_* arrays): build the iterator with mismatched_pairs=True")
+    args = {"num_nodes": spec.num_nodes, "chunk_size": spec.chunk_size}
+    policy = sequence_logps(spec.graphdef, jax.lax.stop_gradient(params), kl_batch, **args)
+    ref = sequence_logps(spec.graphdef, jax.lax.stop_gradient(ref_params), kl_batch, **args)
+    real = kl_batch["response_mask"] & kl_batch["group_mask"][:, None]  # [NG, K]
+    diff = jnp.where(real, policy.logps - ref.logps, 0.0)
+    mean = jnp.sum(diff) / jnp.maximum(jnp.sum(real), 1)
+    return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
 
 
 def loss_inputs(policy: ResponseLogps, reference: tuple[jax.Array, jax.Array] | None,
-                batch: Batch, *, kto_kl: bool = False, **fields: Any) -> losses.LossInputs:
+                batch: Batch, *, matched_kto_kl: bool = False, **fields: Any
+                ) -> losses.LossInputs:
     """The :class:`jaxpo.losses.LossInputs` of policy (and reference) log-probs on ``batch``.
 
     ``fields`` are further LossInputs fields (``step_similarity [NG, K, K, M]``, token arrays
@@ -252,7 +275,7 @@ def loss_inputs(policy: ResponseLogps, reference: tuple[jax.Array, jax.Array] | 
     ref_logps = ref_steps = None
     if reference is not None:
         ref_logps, ref_steps = reference
-        if kto_kl:
+        if matched_kto_kl:
             # KTO's reference point z0: the batch mean log-ratio, a constant (clamped in kto).
             real = response_mask & group_mask[:, None]
             diff = jnp.where(real, policy.logps - ref_logps, 0.0)

@@ -65,6 +65,11 @@ def check(config: Config, objective: losses.Objective) -> None:
             f"config.loss.name={objective.name!r} is token-level: it needs the reference "
             f"model's per-token distributions, but config.reference.mode={mode!r}; set "
             "config.reference.mode=model")
+    if "kto_kl" in objective.needs and config.loss.kto_kl == "mismatched" and mode != "model":
+        raise ValueError(
+            f"config.loss.kto_kl='mismatched' runs the reference model on mismatched pairs, but "
+            f"config.reference.mode={mode!r}; set config.loss.kto_kl=matched (the batch's own "
+            "pairs) or config.reference.mode=model")
     if objective.needs_reference and mode == "precomputed" and config.data.max_steps > 1:
         raise ValueError("config.reference.mode='precomputed' stores whole-response log-probs; "
                          "with config.data.max_steps > 1 (tree steps) use reference.mode=model")
@@ -105,6 +110,11 @@ class Run:
     @property
     def num_nodes(self) -> int:
         return self.spec.logp.num_nodes
+
+    @property
+    def mismatched_pairs(self) -> bool:
+        """Whether batches carry mismatched pairs (KTO's reference point, ``loss.kto_kl``)."""
+        return self.spec.logp.mismatched_kl
 
     @property
     def label_mapping(self) -> str:
@@ -181,7 +191,9 @@ def build_run(config: Config) -> Run:
     tx, schedule = make_optimizer(config.optim, max(config.train.steps, 1))
     mode = config.reference.mode if objective.needs_reference else "none"
     logp = LogpSpec(graphdef, num_nodes=inputs.node_slots(config),
-                    chunk_size=config.model.logprob_chunk_size, reference_mode=mode)
+                    chunk_size=config.model.logprob_chunk_size, reference_mode=mode,
+                    mismatched_kl=("kto_kl" in objective.needs
+                                   and config.loss.kto_kl == "mismatched"))
     spec = StepSpec(logp=logp, objective=objective, hparams=hparams,
                     metrics_beta=losses.metrics_beta(objective, hparams), mesh=mesh, rules=rules)
     return Run(config=config, mesh=mesh, rules=rules, tokenizer=tokenizer, model_cfg=model_cfg,

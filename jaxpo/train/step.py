@@ -114,6 +114,8 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, *,
                 stats = {**stats, "reward_mean": mean, "reward_count": count}
             metrics = {"loss": loss,
                        **batch_metrics(inputs, spec.metrics_beta, spec.objective.logps)}
+            if inputs.kto_kl is not None:
+                metrics["kl"] = jnp.mean(inputs.kto_kl).astype(jnp.float32)  # TRL's name
             return (jax.tree.map(jnp.add, grads_sum, grads), stats), metrics
 
         with spec.rules_context():

@@ -101,6 +101,7 @@ def test_plot_errors(tmp_path, capsys):
     assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_eval_export_plot(tmp_path, capsys):
     workdir, hf = tmp_path / "run", tmp_path / "hf"
     small = ["--config.train.steps=2",

@@ -162,6 +162,7 @@ def test_two_process_slices_form_the_global_batch(layout):
         assert rebuild_responses(glob, 8) == expected_responses(groups)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_state():
     records = make_records(20)
     base = list(iterator(records, "share_prefix", num_epochs=1, rows=1))

@@ -13,6 +13,7 @@ from jaxpo import cli, demo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_short_demo_is_two_ordinary_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "NUM_PROMPTS", 8)
     overrides = ["--config.train.steps=3", "--config.data.batch_size=4",

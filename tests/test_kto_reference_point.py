@@ -52,6 +52,7 @@ def test_mismatched_pairs_pair_each_prompt_with_the_previous_completion(tmp_path
                                                      train_files)[1].mismatched_pairs
 
 
+@pytest.mark.slow
 def test_z0_equals_the_causal_mean_log_ratio_of_mismatched_pairs(tmp_path):
     config = _kto_config()
     train_files, _ = inputs.data_files(config, str(tmp_path))

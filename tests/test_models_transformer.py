@@ -161,7 +161,8 @@ def _lowered_step(num_layers, remat):
     return jax.jit(jax.grad(loss)).lower(state, jax.ShapeDtypeStruct((2, 16), jnp.int32))
 
 
-@pytest.mark.parametrize("remat", ["none", "block", "full"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("block", marks=pytest.mark.slow),
+                                   pytest.param("full", marks=pytest.mark.slow)])
 def test_depth_does_not_grow_the_compiled_step(remat):
     # The layers are one scanned block: 32 layers lower to the HLO of 4 (a Python loop over
     # the layers grows it ~linearly: 0.35 MB -> 2.7 MB of HLO text for 4 -> 32 layers).

@@ -43,6 +43,7 @@ def test_non_finite_config_values_are_errors(override, message, tmp_path, capsys
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_stays_non_finite_stops_with_exit_1(tmp_path, capsys):
     """A learning rate of 1e30 blows the weights up after one update; every later loss is NaN,
     each update is skipped, and after train.max_skipped_steps in a row the run stops."""
@@ -59,6 +60,7 @@ def test_a_run_that_stays_non_finite_stops_with_exit_1(tmp_path, capsys):
     assert not (workdir / "checkpoints" / "4").exists()  # nothing saved from the bad updates
 
 
+@pytest.mark.slow
 def test_resume_trims_a_metrics_line_cut_by_a_kill(tmp_path, capsys):
     workdir = tmp_path / "w"
     assert _train(workdir, "--config.train.steps=2", "--config.train.checkpoint_every=2") == 0
@@ -70,6 +72,7 @@ def test_resume_trims_a_metrics_line_cut_by_a_kill(tmp_path, capsys):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_moves_old_metrics_aside(tmp_path):
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -78,6 +81,7 @@ def test_a_fresh_run_moves_old_metrics_aside(tmp_path):
     assert (workdir / "metrics.jsonl.1").read_text() == '{"step": 1, "loss": 9.0}\n'
 
 
+@pytest.mark.slow
 def test_eval_of_own_model_and_data_has_no_demo_limits(tmp_path, capsys):
     """Without --config the defaults apply (rows of 512 tokens, no prompt limit), not the
     demo's 32/16: nothing is cut, and a cut would be reported."""
@@ -103,6 +107,7 @@ def test_eval_of_own_model_and_data_has_no_demo_limits(tmp_path, capsys):
     assert json.loads(captured.out)["eval/data/truncated/prompt"] == 4.0
 
 
+@pytest.mark.slow
 def test_sigterm_exits_143_after_saving(tmp_path, monkeypatch, capsys):
     """A pre-empted run (SIGTERM: the flag is set) saves after the current update and exits
     128 + 15, so a scheduler can tell pre-emption from completion."""
@@ -136,6 +141,7 @@ def test_reference_table_too_short_is_a_friendly_error():
 # belongs to one run; no command silently uses the wrong weights, config or data)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_workdir_fails_at_once(tmp_path, capsys):
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -146,6 +152,7 @@ def test_a_second_run_on_a_locked_workdir_fails_at_once(tmp_path, capsys):
     assert _train(workdir, "--config.train.steps=1") == 0  # released
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_names_the_keys(tmp_path, capsys):
     workdir = tmp_path / "w"
     assert _train(workdir, "--config.train.steps=1") == 0
@@ -161,6 +168,7 @@ def test_resume_with_another_config_names_the_keys(tmp_path, capsys):
                   "--config.train.allow_config_change=true") == 0
 
 
+@pytest.mark.slow
 def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys):
     workdir = tmp_path / "w"
     assert _train(workdir, "--config.train.steps=2", "--config.train.checkpoint_every=1") == 0
@@ -188,6 +196,7 @@ def test_a_kind_the_objective_cannot_use_is_an_error(tmp_path, capsys):
     assert f"{data}:1" in err and "a unpaired record, but the objective trains on ['pair']" in err
 
 
+@pytest.mark.slow
 def test_a_bad_record_mid_run_saves_and_says_how_to_skip(tmp_path, capsys):
     rows = [synthetic.pair_record(__import__("random").Random(i)) for i in range(12)]
     rows[9] = {"prompt": "sort: a ->", "chosen": " a"}  # no 'rejected', met in update 3

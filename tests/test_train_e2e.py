@@ -77,13 +77,11 @@ def _run(kind: str, workdir: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.representative
 def test_pair_train_resume_eval_export(tmp_path):
     _run("pair", str(tmp_path))
 
 
 @pytest.mark.slow
-@pytest.mark.representative
 @pytest.mark.parametrize("kind", ["list", "tree", "unpaired"])
 def test_kind_train_resume_eval_export(kind, tmp_path):
     _run(kind, str(tmp_path))

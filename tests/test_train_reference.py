@@ -66,6 +66,7 @@ def test_cache_holds_reference_logps_by_record_id(files, tmp_path):
             np.testing.assert_allclose(table[record_id, k], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_precomputed_training_equals_in_step_reference(files, tmp_path):
     cache = str(tmp_path / "ref")
     loop.precompute_reference(_config(files, cache), cache)

@@ -91,7 +91,6 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.representative
 def test_sigkill_then_sigterm_resume_is_bitwise_exact(tmp_path):
     cache = str(tmp_path / "jax_cache")
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")

@@ -5,6 +5,7 @@ keeps the shardings the rules ask for."""
 
 from __future__ import annotations
 
+import pytest
 from _multidevice import run_snippet
 
 SNIPPET = """
@@ -70,6 +71,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_dp_fsdp_fsdp_tp_match_one_device():
     import numpy as np
 

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # uninstalled
-from jaxpo.models.config import get_preset  # noqa: E402
-from jaxpo.train.loss_inputs import sequence_logps  # noqa: E402
-from jaxpo.train.state import abstract_model  # noqa: E402
+from jaxpo.models.config import get_preset
+from jaxpo.train.loss_inputs import sequence_logps
+from jaxpo.train.state import abstract_model
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GIB = 2.0 ** 30

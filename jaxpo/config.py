@@ -101,6 +101,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameter (and optimiser state) dtype: float32|bfloat16
     remat: str = "none"  # activation rematerialisation: none|block|full
     attention: str = "blockwise"  # tree attention: blockwise|dense|pallas
+    attention_block: int = 512  # blockwise/pallas query and key block length (clipped to S)
     logprob_chunk_size: int = 256  # sequence chunk for log-probs without [B, S, V] logits
 
     def __post_init__(self):
@@ -109,6 +110,7 @@ class ModelConfig:
         _choices("model", "remat", self.remat, ("none", "block", "full"))
         _choices("model", "attention", self.attention, ("blockwise", "dense", "pallas"))
         _at_least("model", "logprob_chunk_size", self.logprob_chunk_size, 1)
+        _at_least("model", "attention_block", self.attention_block, 1)
         if not self.path and not self.preset:
             raise ValueError("config.model: set either model.path (HF dir) or model.preset")
 

@@ -29,7 +29,8 @@ MODULES = _modules()
 
 def _imports(path: str) -> list[tuple[str, bool]]:
     """``(imported jaxpo module, at module level)`` for every import in ``path``."""
-    tree = ast.parse(open(path, encoding="utf-8").read())
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
     top = set(map(id, tree.body))
     found = []
     for node in ast.walk(tree):

@@ -167,6 +167,19 @@ def test_dict_round_trip_and_defaults_are_not_the_demo():
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (512, 0)
 
 
+def test_attention_settings_reach_the_model_config():
+    from jaxpo.data.tokenize import Tokenizer
+    from jaxpo.train import inputs
+
+    cfg = C.apply_overrides(C.Config(), ["--config.model.attention=dense",
+                                         "--config.model.attention_block=128"])
+    tok = Tokenizer.from_dir(inputs.tokenizer_dir(cfg))
+    model_cfg = inputs.model_config(cfg, tok)
+    assert (model_cfg.attention, model_cfg.attention_block) == ("dense", 128)
+    with pytest.raises(ValueError, match="config.model.attention_block=0 must be >= 1"):
+        C.apply_overrides(C.Config(), ["--config.model.attention_block=0"])
+
+
 def test_differences_name_the_keys():
     new = C.apply_overrides(C.Config(), ["--config.optim.learning_rate=1e-3"])
     assert C.differences(C.Config(), new) == {"optim.learning_rate": (5e-6, 1e-3)}

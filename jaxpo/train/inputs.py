@@ -40,7 +40,7 @@ def model_config(config: Config, tokenizer: Tokenizer) -> ModelConfig:
     the tokenizer's vocabulary size)."""
     m = config.model
     common = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": m.remat,
-              "attention": m.attention}
+              "attention": m.attention, "attention_block": m.attention_block}
     if m.path:
         return read_config(m.path, **common)
     if m.preset.startswith("tiny"):

@@ -12,6 +12,11 @@ checkpoint and, on the same devices, produces bitwise the same parameters as a r
 never interrupted: the state and the data iterator position are restored. A run whose loss or
 gradients stay non-finite for ``train.max_skipped_steps`` consecutive updates stops with
 :class:`NonFiniteError`, keeping its last good checkpoint.
+
+The host never waits for the device in the steady state: the step is dispatched
+asynchronously, the next batch is read, tokenised and packed (grain) while it runs, its metrics
+stay on the device until the next log step fetches them, and checkpoints are written in the
+background. The train and eval steps are each compiled once per run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+import typing
 from typing import Any
 
 import jax
@@ -335,7 +341,7 @@ class WorkdirLock:
         self.path = os.path.join(workdir, ".lock")
         self.file = None
 
-    def __enter__(self) -> WorkdirLock:
+    def __enter__(self) -> typing.Self:
         if not _is_main():
             return self
         try:

@@ -127,13 +127,10 @@ class ProgressBar:
                               dynamic_ncols=True, file=sys.stderr, unit="step",
                               mininterval=interval, maxinterval=max(interval, 10.0))
 
-    def update(self, steps: int, metrics: Mapping[str, Any] | None = None,
-               phase: str = "") -> None:
+    def update(self, steps: int, metrics: Mapping[str, Any] | None = None) -> None:
         if metrics:
             shown = {short: f"{float(metrics[key]):.4g}" for key, short in BAR_KEYS
                      if key in metrics}
-            if phase:
-                self._bar.set_description(phase)
             self._bar.set_postfix(shown, refresh=False)
         self._bar.update(steps)
 

@@ -154,7 +154,8 @@ def evaluate(config: Config, workdir: str | None = None, *, untrained: bool = Fa
     train_files, eval_files = inputs.data_files(config, workdir or tempfile.mkdtemp("jaxpo"))
     if not eval_files:
         raise ValueError("config.data.eval_files is empty: nothing to evaluate on")
-    config, run = resolved_run(config, train_files or eval_files)
+    # Batch shapes from the run's own training data, else from what is evaluated.
+    config, run = resolved_run(config, train_files if config.data.train_files else eval_files)
     builders = _builders(run, train_files, eval_files)
     params, ref_params, step = load_params(run, workdir, untrained=untrained)
     evaluator = _Evaluator(run, eval_files, builders["eval"],

@@ -24,6 +24,11 @@ def test_schema_defaults():
         100, 50, 10)
     assert (cfg.model.attention, cfg.model.init_from, cfg.data.label_mapping) == (
         "blockwise", "", "")
+    # Defaults meant for a user's own model and data (not the demo's).
+    assert (cfg.train.log_every, cfg.train.allow_config_change, cfg.loss.kto_kl) == (
+        10, False, "mismatched")
+    assert (cfg.data.tokens_per_batch, cfg.data.max_record_bytes, cfg.model.attention_block) == (
+        0, 16 * 2**20, 512)
 
 
 def test_frozen():

@@ -25,14 +25,14 @@ import numpy as np
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "models")
 SEQ_LEN = 16
 
-_COMMON = dict(vocab_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
-               bos_token_id=1, eos_token_id=2)
+_COMMON = {"vocab_size": 128, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
+               "bos_token_id": 1, "eos_token_id": 2}
 SPECS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
         _COMMON, hidden_size=64, tie_word_embeddings=False, rope_theta=10000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=16))),
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
         _COMMON, hidden_size=64, tie_word_embeddings=True, rope_theta=1e6)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(

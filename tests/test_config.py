@@ -92,8 +92,8 @@ def test_choice_errors_name_field_and_allowed_values(section, field, value, allo
     (["--config.optim.learning_rate=inf"], "config.optim.learning_rate='inf' must be a finite"),
     (["--config.loss.beta=nan"], "config.loss.beta='nan' must be a finite"),
     (["--config.loss.kwargs=gamma=inf"], "gamma=inf must be finite"),
-    (["--config.loss.weights=dpo:1,sft:0.2"], "was removed: write the weights in "
-     "config.loss.name"),
+    (["--config.loss.weights=dpo:1,sft:0.2"], ("was removed: write the weights in "
+                                                "config.loss.name")),
     (["--config.train.sft_warmup_steps=5"], "was removed: run the SFT warm-up"),
 ])
 def test_range_errors(overrides, message):

@@ -32,7 +32,7 @@ def random_tree_rows(rng: np.random.Generator, batch: int, length: int):
             children = [[c for c in range(nodes) if parent[c] == p] for p in range(nodes)]
             order, last = [], {}
 
-            def visit(node):
+            def visit(node, order=order, children=children, last=last):
                 order.append(node)
                 for child in children[node]:
                     visit(child)

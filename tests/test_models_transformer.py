@@ -108,8 +108,8 @@ def test_remat_modes_give_same_loss_and_grads():
         results.append((loss, jax.tree.leaves(grads)))
     for remat in ("none", "full"):  # the remat primitive is in the backward pass iff asked for
         cfg = get_preset("tiny", vocab_size=VOCAB, num_layers=1, remat=remat)
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-        grad = jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens)))
+        graphdef, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0))))
+        grad = jax.grad(lambda s, g=graphdef: jnp.mean(nnx.merge(g, s)(tokens)))
         assert ("remat" in str(jax.make_jaxpr(grad)(state))) == (remat == "full")
     for loss, grads in results[1:]:
         np.testing.assert_allclose(loss, results[0][0], rtol=1e-6)

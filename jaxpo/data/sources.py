@@ -20,9 +20,9 @@ import bisect
 import dataclasses
 import glob
 import gzip
-import zlib
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from typing import Any
 

@@ -270,7 +270,7 @@ def _attention_bwd(block, interpret, residuals, dout):
     kv_heads = k.shape[1]
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
     args = (*tokens, q, k, v, dout, lse, delta)
-    params = dict(block=block, scale=1.0 / np.sqrt(head_dim))
+    params = {"block": block, "scale": 1.0 / np.sqrt(head_dim)}
     grid = (batch, heads, length // block)
 
     inputs, q_spec, stat = _query_major_specs(heads, kv_heads, length, head_dim, block)

@@ -71,7 +71,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runs uninstalled
 from jaxpo.config import from_preset_file, replace
 from jaxpo.data.batcher import BatchConfig
-from jaxpo.sharding import batch_shardings
+from jaxpo.models import lora
+from jaxpo.sharding import batch_shardings, param_shardings
 from jaxpo.train import state as state_lib
 from jaxpo.train.checkpoint import abstract_like
 from jaxpo.train.loss_inputs import BATCH_KEYS
@@ -168,11 +169,12 @@ def layer_residual_bytes(jaxpr, layers: int) -> int | None:
 # ------------------------------------------------------------------------------- the step
 
 
-def base_run(devices: int, param_dtype: str | None) -> Run:
+def base_run(devices: int, param_dtype: str | None, lora_rank: int = 0) -> Run:
     """The preset's run on ``devices`` fake devices (mesh fsdp=devices), model from the
-    ``llama3-8b`` preset (no checkpoint on disk)."""
+    ``llama3-8b`` preset (no checkpoint on disk); with ``lora_rank``, LoRA adapters of that
+    rank on every projection (only they are trained)."""
     config = from_preset_file(PRESET)
-    model = {"path": "", "preset": "llama3-8b"}
+    model = {"path": "", "preset": "llama3-8b", "lora": {"rank": lora_rank}}
     if param_dtype:
         model["param_dtype"] = param_dtype
     config = replace(config, {"model": model, "mesh": {"data": 1, "fsdp": devices, "tensor": 1},
@@ -184,11 +186,18 @@ def with_layers(run: Run, layers: int) -> Run:
     """``run`` with a ``layers``-deep model: what :func:`build_run` derives from the model."""
     model_cfg = run.model_cfg.replace(num_layers=layers)
     graphdef, abstract = state_lib.abstract_model(model_cfg)
-    spec = dataclasses.replace(run.spec, logp=dataclasses.replace(run.spec.logp,
-                                                                  graphdef=graphdef))
+    logp = dataclasses.replace(run.spec.logp, graphdef=graphdef)
+    base = {}
+    if run.lora:  # the trained params are the adapters; the base weights are frozen
+        base_graphdef, base_abstract = state_lib.abstract_model(model_cfg.replace(lora=None))
+        abstract = lora.split(abstract)[1]
+        logp = dataclasses.replace(logp, base_graphdef=base_graphdef)
+        base = {"base_abstract": base_abstract,
+                "base_shardings": param_shardings(base_abstract, run.mesh, run.rules)}
     return dataclasses.replace(
-        run, model_cfg=model_cfg, abstract_params=abstract, spec=spec,
-        state_shardings=state_lib.state_shardings(abstract, run.tx, run.mesh, run.rules))
+        run, model_cfg=model_cfg, abstract_params=abstract,
+        spec=dataclasses.replace(run.spec, logp=logp),
+        state_shardings=state_lib.state_shardings(abstract, run.tx, run.mesh, run.rules), **base)
 
 
 def batch_shapes(config, devices: int, chips: int) -> tuple[dict, dict]:
@@ -230,7 +239,8 @@ def measure(run: Run, layers: int, devices: int, chips: int) -> dict:
     batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype, sharding=shardings[k])
              for k, v in one.items()}
     state = r.abstract_state()
-    ref = abstract_like(r.abstract_params, r.state_shardings.params)
+    ref = (abstract_like(r.base_abstract, r.base_shardings) if r.lora  # the frozen base
+           else abstract_like(r.abstract_params, r.state_shardings.params))
     step = r.train_step(shardings)
     start = time.perf_counter()
     traced = step.trace(state, ref, batch)

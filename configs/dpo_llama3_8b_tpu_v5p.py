@@ -9,7 +9,10 @@ Run the same command on every host of the slice (docs/tpu.md); the workdir must 
 filesystem all hosts share. Paths are placeholders: the model directory holds config.json,
 *.safetensors and tokenizer.json (Hugging Face layout).
 Parameters and optimiser state in float32, sharded over all chips (ZeRO-3 style); compute in
-bfloat16 with per-block rematerialisation; prompts shared between chosen and rejected.
+bfloat16 with per-block rematerialisation; prompts shared between chosen and rejected. (With
+``model.param_dtype=bfloat16`` the optimiser would keep fp32 master weights: 14 instead of 16
+bytes per parameter.) Every host builds the same global batch and uploads the rows of its own
+chips, whatever order JAX gives the slice's devices (v5p slices interleave the hosts).
 """
 
 

@@ -8,6 +8,14 @@ Paths are placeholders. The mesh is 4-way FSDP x 2-way tensor parallel (``fsdp_t
 MLP, heads and vocabulary split over ``tensor``); bfloat16 parameters and compute with full
 rematerialisation to fit 8 responses of up to 1024 tokens per prompt; the prompt is laid out
 once per list (``share_prefix``).
+
+bfloat16 parameters get fp32 master weights (``jaxpo.train.optim.with_master_weights``): at
+lr 1e-6 an AdamW update is far below bf16's resolution (8 significant bits), and without them 10
+updates changed 1.9% of the weights (99.99% in fp32). The optimiser state keeps an fp32 copy
+that the updates accumulate in, with fp32 moments, and the bf16 weights are that copy rounded
+after each update. Memory for Qwen2-7B's 7.6 B parameters, over the 8 GPUs: bf16 params 2 +
+fp32 master 4 + fp32 AdamW moments 8 = 14 bytes per parameter, 13.3 GB per GPU (bf16 moments
+and no master would take 5.7 GB, and lose the updates), plus the bf16 reference, 1.9 GB.
 """
 
 

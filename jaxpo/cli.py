@@ -6,7 +6,10 @@
     jaxpo eval --config.model.path=hf_model --config.data.eval_files=heldout.jsonl
     jaxpo precompute-ref --config=configs/dpo_tiny.py --out=refcache
     jaxpo export --workdir=runs/dpo --out=hf_model [--dtype=bfloat16]
+    jaxpo export --workdir=runs/lora --out=adapter [--merge]   # PEFT adapter, or merged weights
     jaxpo plot --workdir=runs/dpo
+    jaxpo score --workdir=runs/rm_tiny --in=records.jsonl --out=rewards.jsonl   # reward model
+    jaxpo bench quality [--quick] [--out=DIR] [--tasks=sort,add,rise] [--seeds=3]  # objectives
     jaxpo --version
 
 Flags are ``--name=value`` (or ``--name value``); ``--config.section.field=value`` overrides one
@@ -37,22 +40,26 @@ from typing import Any
 import jaxpo
 from jaxpo import config as config_lib
 from jaxpo import demo, plot
+from jaxpo.bench import quality
 from jaxpo.models import export_hf
-from jaxpo.train import inputs, loop
+from jaxpo.models.lora import export_peft
+from jaxpo.train import inputs, loop, reward_model
 from jaxpo.train.checkpoint import Checkpointer
 
-COMMANDS = ("train", "eval", "precompute-ref", "export", "plot")
+COMMANDS = ("train", "eval", "precompute-ref", "export", "plot", "score", "bench")
 # Flags each command accepts (besides --config.section.field=value overrides).
 FLAGS: dict[str, tuple[str, ...]] = {
     "train": ("config", "workdir", "no_progress", "sft_steps"),
     "eval": ("config", "workdir", "untrained"),
     "precompute-ref": ("config", "out", "workdir"),
-    "export": ("config", "workdir", "out", "dtype", "untrained"),
+    "export": ("config", "workdir", "out", "dtype", "untrained", "merge"),
     "plot": ("workdir", "out"),
+    "bench": ("quick", "out", "workdir", "tasks", "seeds"),
+    "score": ("workdir", "model", "in", "out"),
 }
 REQUIRED = {"precompute-ref": ("out",), "export": ("out",),
-            "plot": ("workdir",)}
-BOOLEAN = ("no_progress", "untrained")
+            "plot": ("workdir",), "score": ("in", "out")}
+BOOLEAN = ("no_progress", "untrained", "merge", "quick")
 PREEMPTED = 128 + 15  # exit status of a run stopped by SIGTERM (after saving)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
@@ -75,6 +82,9 @@ def parse_args(command: str, argv: Sequence[str]) -> tuple[dict[str, Any], list[
         arg = args.pop(0)
         if arg.startswith("--config."):
             overrides.append(arg)
+            continue
+        if not arg.startswith("--") and command == "bench" and "benchmark" not in flags:
+            flags["benchmark"] = arg  # jaxpo bench <benchmark>
             continue
         if not arg.startswith("--"):
             raise UsageError(f"unexpected argument {arg!r} (flags are --name=value)")
@@ -197,14 +207,23 @@ def cmd_precompute_ref(flags: dict[str, Any], overrides: list[str]) -> int:
 
 
 def cmd_export(flags: dict[str, Any], overrides: list[str]) -> int:
-    """Writes the trained policy as a Hugging Face checkpoint (plus tokenizer files)."""
+    """Writes the trained policy as a Hugging Face checkpoint (plus tokenizer files); a LoRA
+    run's adapters as a PEFT adapter, or with --merge folded into the weights."""
     out = flags["out"]
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out={out} is a file; give a directory to write the model into")
     config = resolve_config(flags, overrides)
+    merge = flags.get("merge", False)
+    if merge and not config.model.lora.rank:
+        raise UsageError("--merge folds LoRA adapters into the weights, but this run has none "
+                         "(config.model.lora.rank=0); export without --merge")
     model, step = loop.load_policy(config, flags.get("workdir"),
                                    untrained=flags.get("untrained", False))
-    files = export_hf(model, out, dtype=flags.get("dtype"))
+    if config.model.lora.rank and not merge:
+        files = export_peft(model, out, base_model_name_or_path=config.model.path or None,
+                            dtype=flags.get("dtype"))
+    else:
+        files = ["config.json", *export_hf(model, out, dtype=flags.get("dtype"))]
     tok_dir = inputs.tokenizer_dir(config)
     copied = []
     for name in TOKENIZER_FILES:
@@ -212,7 +231,7 @@ def cmd_export(flags: dict[str, Any], overrides: list[str]) -> int:
         if os.path.exists(src) and not os.path.exists(os.path.join(out, name)):
             shutil.copy(src, os.path.join(out, name))
             copied.append(name)
-    print(json.dumps({"out": out, "step": step, "files": ["config.json", *files, *copied]}))
+    print(json.dumps({"out": out, "step": step, "files": [*files, *copied]}))
     return 0
 
 
@@ -221,6 +240,39 @@ def cmd_plot(flags: dict[str, Any], overrides: list[str]) -> int:
     if overrides:
         raise UsageError("jaxpo plot takes no --config.* overrides")
     print(plot.plot_metrics(flags["workdir"], flags.get("out")))
+    return 0
+
+
+def cmd_score(flags: dict[str, Any], overrides: list[str]) -> int:
+    """Writes --in's records with their rewards under a reward model (a run's --workdir or an
+    exported --model directory) to --out."""
+    if overrides:
+        raise UsageError("jaxpo score takes no --config.* overrides (the model's own are used)")
+    given = [flags[k] for k in ("workdir", "model") if flags.get(k)]
+    if len(given) != 1:
+        raise UsageError("give one of --workdir=RUN (a reward-model run) or --model=DIR "
+                         "(an exported reward model)")
+    if os.path.isdir(flags["out"]):
+        raise UsageError(f"--out={flags['out']} is a directory; give the JSONL file to write")
+    scorer = reward_model.load_scorer(given[0])
+    print(json.dumps(reward_model.score_file(scorer, flags["in"], flags["out"])))
+    return 0
+
+
+def cmd_bench(flags: dict[str, Any], overrides: list[str]) -> int:
+    """Runs ``jaxpo bench quality``: every objective on every data shape of tasks with a known
+    reward; prints the Markdown table and writes it with the JSON and PNG to --out."""
+    if overrides:
+        raise UsageError("jaxpo bench takes no --config.* overrides")
+    if flags.get("benchmark") != "quality":
+        got = f" (got {flags['benchmark']!r})" if flags.get("benchmark") else ""
+        raise UsageError(f"jaxpo bench needs the benchmark to run: quality{got}")
+    settings = quality.settings_from_flags(quick=flags.get("quick", False),
+                                           tasks=flags.get("tasks"), seeds=flags.get("seeds"))
+    out = flags.get("out") or new_workdir(os.path.join("runs", "bench_quality"))
+    results = quality.run(out, settings, workdir=flags.get("workdir"))
+    print(quality.markdown(results))
+    print(f"results: {os.path.join(out, quality.NAME)}.{{json,md,png}}")
     return 0
 
 
@@ -234,7 +286,8 @@ def _try_plot(workdir: str) -> str | None:
 
 HANDLERS: dict[str, Callable[[dict[str, Any], list[str]], int]] = {
     "train": cmd_train, "eval": cmd_eval, "precompute-ref": cmd_precompute_ref,
-    "export": cmd_export, "plot": cmd_plot,
+    "export": cmd_export, "plot": cmd_plot, "score": cmd_score,
+    "bench": cmd_bench,
 }
 
 

@@ -87,6 +87,39 @@ def parse_kwargs(text: str) -> dict[str, Any]:
     return out
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (docs/lora.md): only low-rank updates ``(alpha/rank)·(x·A)·B`` of the
+    targeted projections are trained; the reference is the base model, adapters off."""
+
+    rank: int = 0  # r, the adapters' width; 0 = off (every parameter is trained)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    # Projections adapted: attention q,k,v,o and MLP gate,up,down (comma-separated).
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets",
+                               tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        elif not isinstance(self.targets, tuple):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        _finite("model.lora", self)
+        _at_least("model.lora", "rank", self.rank, 0)
+        if not self.alpha > 0:
+            raise ValueError(f"config.model.lora.alpha={self.alpha!r} must be > 0")
+        if not self.targets:
+            raise ValueError("config.model.lora.targets is empty; choose from "
+                             f"{list(LORA_TARGETS)}")
+        for target in self.targets:
+            _choices("model.lora", "targets", target, LORA_TARGETS)
+        if len(set(self.targets)) < len(self.targets):
+            raise ValueError(f"config.model.lora.targets={','.join(self.targets)} names a "
+                             "projection twice")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The policy model (and the initial reference)."""
@@ -103,16 +136,27 @@ class ModelConfig:
     attention: str = "blockwise"  # tree attention: blockwise|dense|pallas
     attention_block: int = 512  # blockwise/pallas query and key block length (clipped to S)
     logprob_chunk_size: int = 256  # sequence chunk for log-probs without [B, S, V] logits
+    # lm: a causal LM (the policy) | reward: a reward model, the decoder with a scalar head
+    # read at each response's last token (train it with loss.name=bradley_terry)
+    head: str = "lm"
+    # LoRA adapters: --config.model.lora.rank=16 trains only them (rank 0 = off).
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         _choices("model", "dtype", self.dtype, ("float32", "bfloat16"))
         _choices("model", "param_dtype", self.param_dtype, ("float32", "bfloat16"))
         _choices("model", "remat", self.remat, ("none", "block", "full"))
         _choices("model", "attention", self.attention, ("blockwise", "dense", "pallas"))
+        _choices("model", "head", self.head, ("lm", "reward"))
         _at_least("model", "logprob_chunk_size", self.logprob_chunk_size, 1)
         _at_least("model", "attention_block", self.attention_block, 1)
         if not self.path and not self.preset:
             raise ValueError("config.model: set either model.path (HF dir) or model.preset")
+        if self.lora.rank and self.head != "lm":
+            raise ValueError(f"config.model.lora.rank={self.lora.rank} adapts a causal LM; "
+                             f"config.model.head={self.head!r} is not one (set lora.rank=0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,9 +341,67 @@ class TrainConfig:
         _at_least("train", "max_skipped_steps", self.max_skipped_steps, 1)
 
 
+ROLLOUT_BUILDS = ("pairs", "lists", "trees")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """On-policy training (jaxpo.train.rollout, docs/onpolicy.md): the policy samples responses,
+    a reward source scores them, and the scored samples are the training data."""
+
+    enabled: bool = False  # train on the policy's own samples instead of data.train_files
+    # Updates per round of samples: 1 = online (fresh samples every update); N > 1 = iterative
+    # (a new round every N updates).
+    every: int = 1
+    # Refresh the reference to the current policy at each round (iterative DPO); None = on
+    # when every > 1, off when every = 1 (the reference stays the initial model).
+    refresh_reference: bool | None = None
+    prompts: tuple[str, ...] = ()  # JSONL/Parquet files with a `prompt` field; empty = train files'
+    prompts_per_rollout: int = 16  # prompts sampled per round
+    num_samples: int = 4  # K responses sampled per prompt
+    temperature: float = 1.0  # sampling temperature (> 0: K greedy samples would be equal)
+    top_p: float = 1.0  # nucleus sampling mass
+    max_new_tokens: int = 32  # the longest sampled response, in tokens
+    # task (the synthetic task's true reward) | module:function (a Python callable
+    # (prompts, responses) -> rewards) | rm:<path> (a jaxpo reward model workdir or export)
+    reward: str = "task"
+    # pairs: best vs worst sample (ties dropped) | lists: the distinct samples, scored |
+    # trees: the samples as a tree of word steps, leaves scored (TPO)
+    build: str = "pairs"
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str):
+            object.__setattr__(self, "prompts", tuple(v for v in self.prompts.split(",") if v))
+        elif not isinstance(self.prompts, tuple):
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+        _finite("rollout", self)
+        _at_least("rollout", "every", self.every, 1)
+        _at_least("rollout", "prompts_per_rollout", self.prompts_per_rollout, 1)
+        _at_least("rollout", "num_samples", self.num_samples, 2)
+        _at_least("rollout", "max_new_tokens", self.max_new_tokens, 1)
+        if not self.temperature > 0:
+            raise ValueError(f"config.rollout.temperature={self.temperature!r} must be > 0 (the "
+                             "K samples of a prompt must differ to be compared)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"config.rollout.top_p={self.top_p!r} must be in (0, 1]")
+        _choices("rollout", "build", self.build, ROLLOUT_BUILDS)
+        kind, _, rest = self.reward.partition(":")
+        if self.reward == "task" or (kind == "rm" and rest.strip()):
+            return
+        if not (kind.strip() and rest.strip()) or kind == "rm":
+            raise ValueError(
+                f"config.rollout.reward={self.reward!r} is not a reward source; write task, "
+                "rm:<reward model dir> or module:function")
+
+    @property
+    def refreshes_reference(self) -> bool:
+        """Whether the reference is the policy at the start of each round."""
+        return self.every > 1 if self.refresh_reference is None else self.refresh_reference
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole run: ``Config(model, data, loss, reference, optim, mesh, train)``."""
+    """The whole run: ``Config(model, data, loss, reference, optim, mesh, train, rollout)``."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -308,6 +410,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (JSON-able: tuples become lists); what checkpoints store."""
@@ -317,6 +420,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "loss": LossConfig, "reference": ReferenceConfig,
     "optim": OptimConfig, "mesh": MeshConfig, "train": TrainConfig,
+    "rollout": RolloutConfig,
 }
 # Keys that no longer exist, and what to write instead.
 REMOVED: dict[str, str] = {
@@ -384,8 +488,32 @@ def _unknown(kind: str, name: str, known: Sequence[str]) -> ValueError:
     return ValueError(f"unknown config {kind} {name!r}{hint}")
 
 
+def _nested(annotation: Any) -> type | None:
+    """The dataclass of a nested config field (``model.lora``), else None."""
+    return annotation if dataclasses.is_dataclass(annotation) else None
+
+
 def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys = []
+    for s, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            inner = _nested(hints[f.name])
+            keys += ([f"{s}.{f.name}.{g.name}" for g in dataclasses.fields(inner)] if inner
+                     else [f"{s}.{f.name}"])
+    return keys
+
+
+def _replace_nested(where: str, current: Any, fields: Mapping[str, Any]) -> Any:
+    """``current`` (a nested section such as ``model.lora``) with ``fields`` applied."""
+    hints = typing.get_type_hints(type(current))
+    changes = {}
+    for name, value in fields.items():
+        if name not in hints:
+            known = [k for k in _all_keys() if k.startswith(where + ".")]
+            raise _unknown("key", f"{where}.{name}", known)
+        changes[name] = _coerce(where, name, hints[name], value)
+    return dataclasses.replace(current, **changes)
 
 
 def replace(config: Config, updates: Mapping[str, Mapping[str, Any]]) -> Config:
@@ -406,32 +534,42 @@ def replace(config: Config, updates: Mapping[str, Mapping[str, Any]]) -> Config:
             if field not in hints:
                 known = [k for k in _all_keys() if k.startswith(section + ".")]
                 raise _unknown("key", f"{section}.{field}", known)
+            if _nested(hints[field]) and isinstance(value, Mapping):  # e.g. model.lora
+                changes[field] = _replace_nested(f"{section}.{field}",
+                                                 changes.get(field, getattr(current, field)),
+                                                 value)
+                continue
             changes[field] = _coerce(section, field, hints[field], value)
         sections[section] = dataclasses.replace(current, **changes)
     return dataclasses.replace(config, **sections)
 
 
 def parse_override(arg: str) -> tuple[str, str, str]:
-    """``"--config.train.steps=10"`` → ``("train", "steps", "10")``."""
+    """``"--config.train.steps=10"`` → ``("train", "steps", "10")``; a nested field keeps its
+    dots: ``"--config.model.lora.rank=8"`` → ``("model", "lora.rank", "8")``."""
     body = arg.removeprefix("--")
     if not body.startswith("config."):
         raise ValueError(f"not a config override: {arg!r} (expected --config.section.field=value)")
     key, sep, value = body[len("config."):].partition("=")
     if not sep:
         raise ValueError(f"config override {arg!r} has no value (expected --config.{key}=value)")
-    section, dot, field = key.partition(".")
-    if (not dot or "." in field or section not in SECTIONS
-            or field not in typing.get_type_hints(SECTIONS[section])):
+    if key not in _all_keys():
         raise _unknown("key", key, _all_keys())
+    section, _, field = key.partition(".")
     return section, field, value
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     """Applies ``--config.section.field=value`` strings in order."""
-    updates: dict[str, dict[str, str]] = {}
+    updates: dict[str, dict[str, Any]] = {}
     for arg in overrides:
         section, field, value = parse_override(arg)
-        updates.setdefault(section, {})[field] = value
+        outer, dot, inner = field.partition(".")
+        target = updates.setdefault(section, {})
+        if dot:  # a nested field: model.lora.rank
+            target.setdefault(outer, {})[inner] = value
+        else:
+            target[field] = value
     return replace(config, updates)
 
 
@@ -484,5 +622,16 @@ def differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     >>> differences(Config(), replace(Config(), {"train": {"steps": 5}}))
     {'train.steps': (100, 5)}
     """
-    a, b = old.to_dict(), new.to_dict()
-    return {f"{s}.{k}": (a[s][k], b[s][k]) for s in a for k in a[s] if a[s][k] != b[s][k]}
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"lora": {"rank": 8}}}`` → ``{"model.lora.rank": 8}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -25,18 +25,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
 from jaxpo import config as config_lib
 from jaxpo import plot
-from jaxpo.models import generate
+from jaxpo.bench.measure import Measure
 from jaxpo.tasks import synthetic
-from jaxpo.train import inputs, loop
-from jaxpo.train.loss_inputs import BATCH_KEYS, sequence_logps
-from jaxpo.train.setup import Run, build_run
+from jaxpo.train import loop
+from jaxpo.train.setup import build_run
 
 # Section overrides of jaxpo.config.Config that make the demo's DPO run.
 CONFIG: dict[str, dict[str, Any]] = {
@@ -65,7 +59,8 @@ def configs(workdir: str, overrides: Sequence[str] = (), *, sft_steps: int = SFT
     base = config_lib.replace(base, {"data": files})
     dpo = config_lib.apply_overrides(base, overrides)
     dpo = config_lib.replace(dpo, {"model": {"init_from": os.path.join(workdir, "sft")}})
-    sft = config_lib.replace(dpo, {"model": {"init_from": ""},
+    # The warm-up trains the whole model even when the DPO run trains LoRA adapters on it.
+    sft = config_lib.replace(dpo, {"model": {"init_from": "", "lora": {"rank": 0}},
                                    "loss": {"name": "sft", "beta": None, "kwargs": "",
                                             "modifier": ""},
                                    "train": {"steps": sft_steps}})
@@ -102,7 +97,8 @@ def run(workdir: str, overrides: Sequence[str] = (), *, sft_steps: int = SFT_STE
 
     sft_dir = os.path.join(workdir, "sft")
     sft_run = build_run(sft_cfg)
-    measure = _Measure(sft_run, dpo_cfg)
+    measure = Measure(sft_run, dpo_cfg, synthetic.true_reward, num_prompts=NUM_PROMPTS,
+                      max_new_tokens=MAX_NEW_TOKENS)
     if STAGES[0] not in table:
         params = sft_run.initial_params()
         table[STAGES[0]] = measure(params, params)
@@ -149,61 +145,6 @@ def format_table(table: dict[str, dict[str, float]], sft_steps: int | None = Non
             f"({sft_steps} SFT warm-up steps, then {dpo_steps} DPO steps.)",
         ]
     return "\n".join(lines)
-
-
-class _Measure:
-    """``measure(params, ref_params) -> {"true_reward", "exact", "accuracy"}`` on held-out data.
-
-    Args:
-      run: any run of the demo's model (the graph and tokenizer are shared).
-      config: the DPO run's config (its eval files and batching).
-    """
-
-    def __init__(self, run: Run, config: config_lib.Config):
-        self.run, self.config = run, config
-        self.prompts = []
-        for path in config.data.eval_files:
-            with open(path, encoding="utf-8") as f:
-                self.prompts += [json.loads(line)["prompt"] for line in f if line.strip()]
-        self.prompts = self.prompts[:NUM_PROMPTS]
-        tok = run.tokenizer
-        ids = [tok.encode(p) for p in self.prompts]
-        width = max(map(len, ids))
-        self.tokens = np.full((len(ids), width), tok.eos_id or 0, np.int32)  # left-padded
-        self.mask = np.zeros((len(ids), width), bool)
-        for i, row in enumerate(ids):
-            self.tokens[i, width - len(row):] = row
-            self.mask[i, width - len(row):] = True
-        self.logps = jax.jit(lambda p, b: sequence_logps(
-            run.graphdef, p, b, num_nodes=inputs.node_slots(config),
-            chunk_size=config.model.logprob_chunk_size).logps)  # [NG, K]
-
-    def __call__(self, params: Any, ref_params: Any) -> dict[str, float]:
-        rewards = self._generation_rewards(params)
-        return {"true_reward": float(np.mean(rewards)), "exact": float(np.mean(rewards == 1.0)),
-                "accuracy": self._accuracy(params, ref_params)}
-
-    def _generation_rewards(self, params: Any) -> np.ndarray:
-        tok = self.run.tokenizer
-        model = nnx.merge(self.run.graphdef, params)
-        out = generate(model, self.tokens, self.mask, max_new_tokens=MAX_NEW_TOKENS,
-                       eos_token_id=tok.eos_id)
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-        texts = [tok.decode(row[m]) for row, m in zip(tokens, mask)]
-        return np.array([synthetic.true_reward(p, t) for p, t in zip(self.prompts, texts)])
-
-    def _accuracy(self, params: Any, ref_params: Any) -> float:
-        config = self.config
-        builder = inputs.group_builder(config, self.run.tokenizer, "minmax")
-        wins, total = 0.0, 0
-        for batch in inputs.eval_iterator(config, config.data.eval_files, builder):
-            batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
-            margin = self.logps(params, batch) - self.logps(ref_params, batch)  # [NG, K]
-            diff = np.asarray(margin[:, 0] - margin[:, 1])  # chosen − rejected, [NG]
-            valid = np.asarray(batch["group_mask"] & batch["response_mask"].all(-1))
-            wins += float(np.sum(np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))[valid]))
-            total += int(valid.sum())
-        return wins / max(total, 1)
 
 
 def _plot(workdir: str) -> str | None:

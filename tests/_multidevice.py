@@ -80,6 +80,7 @@ def run_snippet(
         env=snippet_env(devices, env),
         cwd=REPO_ROOT,
         capture_output=True,
+        check=False,
         text=True,
         timeout=timeout,
     )
@@ -87,9 +88,11 @@ def run_snippet(
 
 
 def run_processes(
-    code: str, *, num_processes: int = 2, devices_per_process: int = 1, timeout: float = 240
+    code: str, *, num_processes: int = 2, devices_per_process: int = 1, timeout: float = 240,
+    env: dict[str, str] | None = None,
 ) -> list[Any]:
-    """Runs ``code`` as ``num_processes`` local processes joined by a coordinator on 127.0.0.1.
+    """Runs ``code`` as ``num_processes`` local processes joined by a coordinator on 127.0.0.1
+    (``env``: extra environment variables for every process).
 
     Returns:
         The JSON value printed by each process, in process-id order.
@@ -97,13 +100,14 @@ def run_processes(
     address = f"127.0.0.1:{free_port()}"
     procs = []
     for pid in range(num_processes):
-        env = snippet_env(devices_per_process, {
+        proc_env = snippet_env(devices_per_process, {
+            **(env or {}),
             "JAXPO_COORDINATOR": address,
             "JAXPO_NUM_PROCESSES": str(num_processes),
             "JAXPO_PROCESS_ID": str(pid),
         })
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO_ROOT,
+            [sys.executable, "-c", textwrap.dedent(code)], env=proc_env, cwd=REPO_ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ))
     outputs = []

@@ -141,27 +141,6 @@ def test_eval_is_one_ordered_pass_padded_at_the_end():
     assert (batches[-1]["segment"][2 * 3:] == 0).all()  # rows of empty groups are padding
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "share_prefix"])
-def test_two_process_slices_form_the_global_batch(layout):
-    records = make_records(24)
-    cfg = DataConfig(layout=layout, batch_size=4, seq_len=40, max_responses=3, node_slots=8,
-                     rows=0 if layout == "padded" else 4, shuffle=False)
-    slices = [list(make_train_iterator(records, build, cfg, num_epochs=1, process_index=p,
-                                       process_count=2)) for p in range(2)]
-    assert sorted(ids_of(slices[0])) == list(range(0, 24, 2))  # each reads only its shard
-    assert sorted(ids_of(slices[1])) == list(range(1, 24, 2))
-    local_rows = slices[0][0]["tokens"].shape[0]
-    assert local_rows == (6 if layout == "padded" else 2)
-    for b0, b1 in zip(*slices):
-        glob = {k: np.concatenate([b0[k], b1[k]]) for k in b0}
-        ids = glob["response_nodes"][glob["response_mask"]][:, 0] // 8
-        half = len(b0["group_id"])
-        owner = np.repeat(np.arange(2), half)[np.nonzero(glob["response_mask"])[0]]
-        assert np.all(ids // local_rows == owner)  # process p's nodes lie in its own rows
-        groups = [build(records[i]) for i in glob["group_id"][glob["group_mask"]]]
-        assert rebuild_responses(glob, 8) == expected_responses(groups)
-
-
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_state():
     records = make_records(20)
@@ -261,19 +240,14 @@ def test_no_usable_records_is_an_error_not_an_endless_loop(tmp_path, rows, overr
             next(make_eval_iterator(RecordSource(path), builder, cfg))
 
 
-def test_no_usable_records_from_a_plain_builder_and_per_process():
+def test_no_usable_records_from_a_plain_builder():
     records = make_records(6, bad=set(range(6)))
     with within(60), pytest.raises(ValueError, match=re.escape(
-            "no usable records in the records given: 3 read, 3 skipped (builder returned None: "
-            "3)")):
-        next(make_train_iterator(records, build, data_config("packed"), process_index=1,
-                                 process_count=2))
+            "no usable records in the records given: 6 read, 6 skipped (builder returned None: "
+            "6)")):
+        next(make_train_iterator(records, build, data_config("packed")))
     with pytest.raises(ValueError, match=r"no records in the records given"):
         make_train_iterator([], build, data_config("packed"))
-    with pytest.raises(ValueError, match=r"no records for process 1 of 2: the records given "
-                                         r"has 1 records"):
-        make_train_iterator(make_records(1), build, data_config("padded"), process_index=1,
-                            process_count=2)
 
 
 def test_some_usable_records_keep_the_iterator_going():

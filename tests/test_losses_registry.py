@@ -17,6 +17,7 @@ LOSSES_MD_NAMES = [
     "dpo", "robust_dpo", "ipo", "hinge", "exo", "nca", "bco", "sppo_hard", "apo_zero",
     "apo_down", "dpop", "modpo", "tdpo", "sparse_po", "simpo", "orpo", "cpo", "triple_po", "kto",
     "lipo_lambda", "pairwise_logistic", "list_mle", "listnet", "pro", "infonca", "tpo", "sft",
+    "bradley_terry",
 ]
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 
@@ -39,7 +40,7 @@ def make_inputs(ng=3, k=2, t=4, m=2, seed=0, **extra):
         "policy_token_logps": f(ng, k, t) / 10, "reference_token_logps": f(ng, k, t) / 10,
         "token_kl": np.abs(f(ng, k, t)) / 100, "token_mask": np.ones((ng, k, t), bool),
         "token_log_sum_sq_probs": -np.abs(f(ng, k, t)) / 10, "kto_kl": np.float32(0.3),
-        "margins": f(ng, k),
+        "margins": f(ng, k), "rewards": f(ng, k) / 10,
     }
     fields.update(extra)
     return L.LossInputs(**fields)

@@ -220,8 +220,7 @@ import jax, jax.numpy as jnp
 pid = jax.process_index()
 mesh = make_mesh(data=-1)
 rows = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)  # the global batch, 8 rows
-local = {"x": rows[pid * 4:(pid + 1) * 4], "n": np.int32(7)}
-batch = make_global_batch(local, mesh)
+batch = make_global_batch({"x": rows, "n": np.int32(7)}, mesh)  # the same on every process
 total = jax.jit(lambda b: jnp.sum(b["x"], axis=0) + b["n"],
                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))(batch)
 print(json.dumps({

@@ -3,7 +3,6 @@
 The chain reads top to bottom::
 
     grain.MapDataset.source(source)       # records (or TokenizedGroups), random access
-        [process_index::process_count]    # this process's shard of the records
         .seed(seed).shuffle()             # a different order each epoch
         .repeat(num_epochs)               # None = forever
         .map_with_index(BuildGroup(...))  # record → (index, TokenizedGroup | None, units)
@@ -29,10 +28,14 @@ limits or longer than a row) would make the iterator read forever: once a whole 
 read with nothing usable, ``next()`` raises ``ValueError("no usable records in FILES: N read, N
 skipped (reasons with counts)")``.
 
-Process p of P reads only records ``p, p + P, …`` and produces its slice of the global batch:
-``NG / P`` groups in ``R / P`` rows, flat node ids offset by ``p * (R / P) * N``. With a finite
-``num_epochs`` the processes may run out of data a batch apart (their shards differ in length
-and in skipped records); a multi-host trainer stops when any process is exhausted.
+The iterator yields the *global* batch, and the same one on every process of a multi-host
+run: the sequence of batches is a function of the records, the seed and the global batch shapes
+only, never of the number of processes or of the device order, so a run can move between
+topologies and resume where it stopped. Each process then uploads only the rows its devices
+hold (:func:`jaxpo.sharding.make_global_batch`, which reads the rows off the batch sharding's
+addressable indices), so flat node ids are global ids by construction. The price is that every
+host reads and tokenises every record of a batch; a batch of 128 pairs of 4k tokens is about
+half a million tokens, well under a second of the tokenizer next to a multi-second step.
 """
 
 from __future__ import annotations
@@ -92,29 +95,28 @@ class PackIterDataset(grain.IterDataset):
     Args:
       parent: the iter dataset of built groups.
       indexed: the map dataset ``parent`` iterates over, to re-read the window on restore.
-      cfg: this process's batch shapes.
+      cfg: the global batch shapes.
       window: how many groups may wait for a later batch.
-      row_offset: global index of this process's first row.
-      shard_len: records per epoch in this shard (for the ``epoch`` counter).
+      num_records: records per epoch (for the ``epoch`` counter).
       name: the source, for messages (its files).
       mismatched_max_length: when > 0, each batch also holds its mismatched prompt/completion
         pairs (``kl_*`` arrays, :mod:`jaxpo.data.mismatched`) cut to this length.
     """
 
     def __init__(self, parent: grain.IterDataset, indexed: grain.MapDataset, cfg: BatchConfig,
-                 *, window: int, row_offset: int, shard_len: int, name: str = "the records",
+                 *, window: int, num_records: int, name: str = "the records",
                  mismatched_max_length: int = 0):
         super().__init__(parent)
         if window < 1:
             raise ValueError(f"window: must be >= 1, got {window}")
         self._indexed, self._cfg, self._window = indexed, cfg, window
-        self._row_offset, self._shard_len, self._name = row_offset, max(shard_len, 1), name
+        self._num_records, self._name = max(num_records, 1), name
         self._mismatched = mismatched_max_length
 
     def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), self._indexed, self._cfg,
-                            window=self._window, row_offset=self._row_offset,
-                            shard_len=self._shard_len, name=self._name,
+                            window=self._window, num_records=self._num_records,
+                            name=self._name,
                             mismatched_max_length=self._mismatched)
 
     def __str__(self) -> str:
@@ -125,18 +127,18 @@ class PackIterator(grain.DatasetIterator):
     """The iterator of :class:`PackIterDataset`; ``counters`` are part of its state."""
 
     def __init__(self, parent: grain.DatasetIterator, indexed: grain.MapDataset,
-                 cfg: BatchConfig, *, window: int, row_offset: int, shard_len: int,
+                 cfg: BatchConfig, *, window: int, num_records: int,
                  name: str = "the records", mismatched_max_length: int = 0):
         super().__init__(parent)
         self._indexed, self._cfg, self._window = indexed, cfg, window
         self._mismatched = mismatched_max_length
-        self._row_offset, self._shard_len, self._name = row_offset, shard_len, name
+        self._num_records, self._name = num_records, name
         self._pending: list[tuple[int, TokenizedGroup, list]] = []
         self._exhausted = False
         self.counters = dict.fromkeys(COUNTER_KEYS, 0)
 
     def __next__(self) -> dict:
-        builder = BatchBuilder(self._cfg, self._row_offset)
+        builder = BatchBuilder(self._cfg)
         waiting = []
         for item in self._pending:  # the oldest groups first
             if not builder.add(item[1], item[2]):
@@ -151,14 +153,14 @@ class PackIterator(grain.DatasetIterator):
             for key, n in counts.items():
                 self.counters[key] = self.counters.get(key, 0) + n
             self.counters["records_read"] += 1
-            self.counters["epoch"] = index // self._shard_len
+            self.counters["epoch"] = index // self._num_records
             if group is None:
                 self.counters["records_skipped"] += 1
             elif not fits_in_row(units, self._cfg):
                 self.counters["groups_dropped_too_long"] += 1
             elif not builder.add(group, units):
                 self._pending.append((index, group, units))
-            if self.counters["records_read"] >= self._shard_len and self._usable() == 0:
+            if self.counters["records_read"] >= self._num_records and self._usable() == 0:
                 raise self._no_usable_records()
         if builder.num_groups == 0:
             raise StopIteration
@@ -166,8 +168,7 @@ class PackIterator(grain.DatasetIterator):
         self.counters["batches"] += 1
         batch = builder.finish()
         if self._mismatched:  # KTO's reference point (jaxpo.data.mismatched)
-            batch |= mismatched_pairs(builder.groups, self._cfg, self._row_offset,
-                                      self._mismatched)
+            batch |= mismatched_pairs(builder.groups, self._cfg, 0, self._mismatched)
         return batch
 
     def _usable(self) -> int:
@@ -213,12 +214,10 @@ def make_train_iterator(
     *,
     seed: int = 0,
     num_epochs: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
     with_ref_logps: bool = False,
     mismatched_pairs: bool = False,
 ) -> PackIterator:
-    """The training iterator: batches of this process's slice of the global batch.
+    """The training iterator: global batches, the same on every process (module docstring).
 
     Args:
       source: random-access records (a :class:`~jaxpo.data.sources.RecordSource`), or
@@ -230,7 +229,6 @@ def make_train_iterator(
         and ``num_workers``.
       seed: shuffle seed; each epoch is shuffled differently.
       num_epochs: passes over the data; None repeats forever.
-      process_index, process_count: this process and the number of processes.
       with_ref_logps: include the groups' precomputed ``ref_logps [NG, K]``.
       mismatched_pairs: include each batch's mismatched prompt/completion pairs (``kl_*``
         arrays, :mod:`jaxpo.data.mismatched`: KTO's reference point).
@@ -245,8 +243,7 @@ def make_train_iterator(
         counts the records read and the reasons.
     """
     return _iterator(source, builder, data_cfg, shuffle=data_cfg.shuffle, seed=seed,
-                     num_epochs=num_epochs, process_index=process_index,
-                     process_count=process_count, with_ref_logps=with_ref_logps,
+                     num_epochs=num_epochs, with_ref_logps=with_ref_logps,
                      mismatched_pairs=mismatched_pairs)
 
 
@@ -255,32 +252,24 @@ def make_eval_iterator(
     builder: Callable[[Any], TokenizedGroup | None] | None,
     data_cfg: DataConfig,
     *,
-    process_index: int = 0,
-    process_count: int = 1,
     with_ref_logps: bool = False,
     mismatched_pairs: bool = False,
 ) -> PackIterator:
     """One pass in order (``data_cfg.shuffle`` is ignored); the last batch is padded with
     empty groups. Arguments as for :func:`make_train_iterator`."""
     return _iterator(source, builder, data_cfg, shuffle=False, seed=0, num_epochs=1,
-                     process_index=process_index, process_count=process_count,
                      with_ref_logps=with_ref_logps, mismatched_pairs=mismatched_pairs)
 
 
 def _iterator(source, builder, data_cfg: DataConfig, *, shuffle: bool, seed: int,
-              num_epochs: int | None, process_index: int, process_count: int,
-              with_ref_logps: bool, mismatched_pairs: bool = False) -> PackIterator:
-    cfg = BatchConfig.from_data_config(data_cfg, process_count=process_count,
-                                       with_ref_logps=with_ref_logps)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index: {process_index} not in [0, {process_count})")
+              num_epochs: int | None, with_ref_logps: bool, mismatched_pairs: bool = False
+              ) -> PackIterator:
+    cfg = BatchConfig.from_data_config(data_cfg, with_ref_logps=with_ref_logps)
     name = _describe(source)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    shard_len = len(ds)
-    if shard_len == 0:
-        raise ValueError(f"no records in {name}" if len(source) == 0 else
-                         f"no records for process {process_index} of {process_count}: {name} "
-                         f"has {len(source)} records")
+    ds = grain.MapDataset.source(source)
+    num_records = len(ds)
+    if num_records == 0:
+        raise ValueError(f"no records in {name}")
     if shuffle:
         ds = ds.seed(seed).shuffle()
     if num_epochs != 1:
@@ -295,10 +284,9 @@ def _iterator(source, builder, data_cfg: DataConfig, *, shuffle: bool, seed: int
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=data_cfg.num_workers, per_worker_buffer_size=16))
-    packed = PackIterDataset(it_ds, ds, cfg, window=2 * cfg.batch_size,
-                             row_offset=process_index * cfg.num_rows, shard_len=shard_len,
-                             name=name,
-                             mismatched_max_length=data_cfg.max_length if mismatched_pairs else 0)
+    packed = PackIterDataset(it_ds, ds, cfg, window=2 * cfg.batch_size, num_records=num_records,
+                             name=name, mismatched_max_length=(
+                                 data_cfg.max_length if mismatched_pairs else 0))
     return packed.__iter__()
 
 

@@ -19,6 +19,7 @@ from jaxpo.losses._listwise import listnet
 from jaxpo.losses._listwise import pairwise_logistic
 from jaxpo.losses._listwise import pro
 from jaxpo.losses._metrics import preference_metrics
+from jaxpo.losses._metrics import reward_metrics
 from jaxpo.losses._modifiers import ld_logps
 from jaxpo.losses._modifiers import wpo_weights
 from jaxpo.losses._pairwise import apo_down
@@ -45,6 +46,8 @@ from jaxpo.losses._registry import get
 from jaxpo.losses._registry import names
 from jaxpo.losses._registry import with_ld
 from jaxpo.losses._registry import with_wpo
+from jaxpo.losses._reward import bradley_terry
+from jaxpo.losses._reward import plackett_luce
 from jaxpo.losses._token import sparse_po
 from jaxpo.losses._token import tdpo
 from jaxpo.losses._tree import tpo
@@ -58,6 +61,7 @@ __all__ = [
     "apo_down",
     "apo_zero",
     "bco",
+    "bradley_terry",
     "build",
     "combine",
     "cpo",
@@ -79,8 +83,10 @@ __all__ = [
     "nca",
     "orpo",
     "pairwise_logistic",
+    "plackett_luce",
     "preference_metrics",
     "pro",
+    "reward_metrics",
     "robust_dpo",
     "sft",
     "simpo",

@@ -16,6 +16,7 @@ from jaxpo.losses import (
     _listwise,
     _pairwise,
     _reference_free,
+    _reward,
     _token,
     _tree,
     _unpaired,
@@ -26,6 +27,7 @@ from jaxpo.losses._registry import (
     _register,
     best_index,
     take,
+    worst_index,
 )
 
 # ----------------------------------------------------------------------------- adapters
@@ -80,6 +82,25 @@ def _token_fn(loss, objective: str, inputs: LossInputs, *, weights: bool, **hpar
         w = mask.astype(pol.dtype) if w is None else w
         args += [w[:, 0], w[:, 1]]
     out = loss(*args, chosen_mask=mask[:, 0], rejected_mask=mask[:, 1], **hparams)
+    return jnp.where(valid, out, 0.0)
+
+
+def _reward_fn(inputs: LossInputs, *, margin: float) -> jax.Array:
+    """A reward model's loss: Bradley–Terry (with ``margin``) on the best- and worst-labelled
+    of two responses, Plackett–Luce on the label ranking of longer lists and tree leaves."""
+    inputs.require("bradley_terry", "rewards")
+    real = _real(inputs)  # [NG, K]
+    rewards = _clean(inputs, inputs.rewards)
+    if rewards.shape[-1] != 2:
+        if not isinstance(margin, jax.Array) and margin != 0.0:
+            raise ValueError(f"bradley_terry: margin={margin!r} applies to pairs; these groups "
+                             f"hold K={rewards.shape[-1]} responses (Plackett-Luce, no margin)")
+        out = _reward.plackett_luce(rewards, inputs.scores, where=real)
+        return jnp.where(inputs.group_mask, out, 0.0)
+    best, worst = best_index(inputs.scores, real), worst_index(inputs.scores, real)  # [NG]
+    valid = inputs.group_mask & jnp.all(real, axis=-1) & (
+        take(inputs.scores, best) > take(inputs.scores, worst))  # tied labels: no preference
+    out = _reward.bradley_terry(take(rewards, best), take(rewards, worst), margin=margin)
     return jnp.where(valid, out, 0.0)
 
 
@@ -227,6 +248,12 @@ _register("tpo", _tpo_fn, needs_reference=True, kinds=_LIST_KINDS, hyperparamete
           needs=("policy_step_logps", "reference_step_logps", "step_similarity"),
           formula="Σ_{ψ_i>ψ_j} λ_ij log(1 + e^{−d_ij}), d_ij = Σ_m (1 − S_ij,m)(ρ_i,m − ρ_j,m)",
           paper="Liao et al. 2025 (TPO), arXiv 2410.12854")
+_register("bradley_terry", _reward_fn, needs_reference=False, kinds=_LIST_KINDS, logps="reward",
+          needs=("rewards",), hyperparameters={"margin": 0.0},
+          formula="pairs: −log σ(r_c − r_r − m); lists and tree leaves: "
+                  "−Σ_k log(e^{r_τ(k)} / Σ_{j≥k} e^{r_τ(j)}) (Plackett–Luce)",
+          paper="Bradley & Terry 1952; Ouyang et al. 2022; Touvron et al. 2023 (margin); "
+                "Zhu et al. 2023 (K-wise)")
 _register("sft", _sft_fn, needs_reference=False, kinds=("pair", "list", "tree", "unpaired"),
           hyperparameters={}, labels="",
           formula="−ℓ(y_best)/|y_best|", paper="DPO + SFT = RPO (Pang et al. 2024)")

@@ -110,3 +110,43 @@ def _ranking_metrics(rewards: jax.Array, scores: jax.Array, mask: jax.Array) -> 
         "ranking/ndcg": _mean_over(dcg / jnp.where(has_ideal, ideal, 1.0), has_ideal),
         "ranking/kendall_tau": _mean_over((concordant - discordant) / safe_pairs, has_pairs),
     }
+
+
+def reward_metrics(inputs: LossInputs) -> dict[str, jax.Array]:
+    """Scalar batch metrics of a reward model from ``inputs.rewards`` ``[NG, K]``.
+
+    - ``accuracy``: fraction of groups whose best-labelled response gets a higher reward than
+      the worst-labelled one (strictly; groups with tied labels are excluded);
+    - ``margin``: mean reward gap best − worst over the same groups;
+    - ``rewards/chosen``, ``rewards/rejected``: mean reward of the best / worst responses;
+    - ``rewards/mean``, ``rewards/std``: over every real response;
+    - when K > 2, ``ranking/accuracy``, ``ranking/ndcg``, ``ranking/kendall_tau`` as in
+      :func:`preference_metrics`, with the reward-model's rewards.
+
+    >>> import numpy as np
+    >>> inputs = LossInputs(policy_logps=None, scores=np.array([[1.0, 0.0], [1.0, 0.0]]),
+    ...     num_tokens=np.ones((2, 2)), response_mask=np.ones((2, 2), bool),
+    ...     group_mask=np.ones(2, bool), rewards=np.array([[2.0, 0.0], [0.0, 1.0]]))
+    >>> {k: float(v) for k, v in reward_metrics(inputs).items()}["accuracy"]
+    0.5
+    """
+    rewards = jax.lax.stop_gradient(jnp.asarray(inputs.rewards, jnp.float32))  # [NG, K]
+    scores = jnp.asarray(inputs.scores, jnp.float32)
+    mask = jnp.asarray(inputs.response_mask, bool) & jnp.asarray(inputs.group_mask, bool)[:, None]
+    best, worst = best_index(scores, mask), worst_index(scores, mask)  # [NG]
+    ordered = (jnp.sum(mask, axis=-1) >= 2) & (take(scores, best) > take(scores, worst))
+    chosen, rejected = take(rewards, best), take(rewards, worst)  # [NG]
+    count = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(mask, rewards, 0.0)) / count
+    variance = jnp.sum(jnp.where(mask, (rewards - mean) ** 2, 0.0)) / count
+    metrics = {
+        "accuracy": _mean_over((chosen > rejected).astype(jnp.float32), ordered),
+        "margin": _mean_over(chosen - rejected, ordered),
+        "rewards/chosen": _mean_over(chosen, ordered),
+        "rewards/rejected": _mean_over(rejected, ordered),
+        "rewards/mean": mean,
+        "rewards/std": jnp.sqrt(variance),
+    }
+    if scores.shape[-1] > 2:
+        metrics.update(_ranking_metrics(rewards, scores, mask))
+    return metrics

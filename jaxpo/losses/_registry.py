@@ -28,7 +28,7 @@ from jaxpo.losses import _modifiers
 # trainer computes only what the objective needs.
 NEEDS = ("reference_logps", "policy_step_logps", "reference_step_logps", "step_similarity",
          "policy_token_logps", "reference_token_logps", "token_kl", "token_mask",
-         "token_log_sum_sq_probs", "kto_kl", "reward_mean", "margins")
+         "token_log_sum_sq_probs", "kto_kl", "reward_mean", "margins", "rewards")
 # The label mappings (scores → ψ) an objective can ask the data for (``Objective.labels``).
 LABELS = ("minmax", "raw")
 
@@ -39,7 +39,8 @@ class LossInputs:
     """Per-group arrays the trainer hands to an :class:`Objective` (a pytree; None = absent).
 
     Attributes:
-        policy_logps: summed policy log-probs of each response ``[NG, K]``.
+        policy_logps: summed policy log-probs of each response ``[NG, K]`` (None for a reward
+            model, which has no next-token distribution: see ``rewards``).
         scores: ψ labels ``[NG, K]``, higher is better (pair ``[1, 0]``; unpaired ``[1]``
             desirable, ``[0]`` undesirable).
         num_tokens: response lengths in tokens ``[NG, K]``.
@@ -62,9 +63,11 @@ class LossInputs:
         kto_kl: KTO's batch KL estimate z0, ``[]`` or ``[NG]``.
         reward_mean: BCO's running mean δ of the implicit rewards ``[]`` (kept by the trainer).
         margins: MODPO margin-model rewards ``[NG, K]``.
+        rewards: a reward model's scalar output for each response ``[NG, K]`` (its head on
+            the final hidden state at the response's last token).
     """
 
-    policy_logps: jax.Array
+    policy_logps: jax.Array | None
     scores: jax.Array
     num_tokens: jax.Array
     response_mask: jax.Array
@@ -85,6 +88,7 @@ class LossInputs:
     kto_kl: jax.Array | None = None
     reward_mean: jax.Array | None = None
     margins: jax.Array | None = None
+    rewards: jax.Array | None = None
 
     def require(self, objective: str, *fields: str) -> None:
         """Raises ``ValueError`` naming the objective and field if any field is None."""
@@ -132,7 +136,8 @@ class Objective:
         kinds: group kinds it trains on, a subset of ``pair``, ``list``, ``tree``, ``unpaired``.
         level: ``"sequence"`` (``[NG, K]`` arrays) or ``"token"`` (also ``[NG, K, T]``).
         logps: which response log-probs it reads: ``"sum"``, ``"mean"`` (per-token mean) or,
-            for a combination of both, ``"both"``.
+            for a combination of both, ``"both"``; ``"reward"`` for a reward-model objective,
+            which reads the reward head's ``rewards`` and no log-probs.
         hyperparameters: default keyword arguments of ``fn`` (for a combination: per
             component, ``{"dpo": {"beta": 0.1, ...}, "sft": {}}``).
         fn: ``fn(inputs: LossInputs, **hyperparameters) -> [NG]``.

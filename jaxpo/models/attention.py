@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxpo.models.blockwise_attention import blockwise_attention, pair_mask
 from jaxpo.models.config import ModelConfig
+from jaxpo.models.lora import Adapter
 from jaxpo.models.pallas_attention import pallas_attention
 from jaxpo.models.rope import apply_rope, inv_frequencies
 
@@ -148,6 +149,20 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg, axis_name="head_dim")
             self.k_norm = RMSNorm(hd, cfg, axis_name="head_dim")
+        if cfg.lora is not None:  # low-rank updates of the targeted projections
+            shapes = {"q": ((d,), ("embed",), (h, hd), ("heads", "head_dim")),
+                      "k": ((d,), ("embed",), (kv, hd), ("kv_heads", "head_dim")),
+                      "v": ((d,), ("embed",), (kv, hd), ("kv_heads", "head_dim")),
+                      "o": ((h, hd), ("heads", "head_dim"), (d,), ("embed",))}
+            for name, shape in shapes.items():
+                if name in cfg.lora.targets:
+                    setattr(self, f"{name}_lora",
+                            Adapter(*shape, cfg.lora, cfg.param_dtype, rngs=rngs))
+
+    def _adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """``y = x·W_name`` plus the LoRA update of ``x`` when ``name`` is adapted."""
+        adapter = getattr(self, f"{name}_lora", None)
+        return y if adapter is None else y + adapter(x)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | TreeLayout,
                  cache: Cache | None = None, cache_index: jax.Array | None = None,
@@ -170,6 +185,7 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhe->bthe", x, self.q[...].astype(dtype))  # [B, T, H, hd]
         k = jnp.einsum("btd,dke->btke", x, self.k[...].astype(dtype))  # [B, T, K, hd]
         v = jnp.einsum("btd,dke->btke", x, self.v[...].astype(dtype))
+        q, k, v = self._adapted("q", x, q), self._adapted("k", x, k), self._adapted("v", x, v)
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dtype)
             k = k + self.k_bias[...].astype(dtype)
@@ -192,6 +208,7 @@ class Attention(nnx.Module):
             out = attend(q, k, v, mask, impl="dot_product" if cfg.attention == "dot_product"
                          else "dense")
         y = jnp.einsum("bthe,hed->btd", out, self.o[...].astype(dtype))
+        y = self._adapted("o", out, y)
         if cfg.o_bias:
             y = y + self.o_bias[...].astype(dtype)
         return y, cache

@@ -19,6 +19,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxpo.models.lora import Lora
+
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -29,6 +31,7 @@ _DTYPES = ("float32", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16"}
 _REMAT = ("none", "block", "full")
 _ATTENTION = ("blockwise", "dense", "pallas", "dot_product")
+_HEADS = ("lm", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,10 @@ class ModelConfig:
     attention: str = "blockwise"
     attention_block: int = 512  # blockwise query/key block length (clipped to S)
     pallas_block: int = 128  # pallas query/key block length (clipped to S)
+    lora: Lora | None = None  # LoRA adapters on the projections (jaxpo.models.lora), or None
+    # lm: next-token logits (a causal LM) | reward: a scalar head `score` [D, 1] instead of the
+    # unembedding (a reward model; HF's *ForSequenceClassification with num_labels=1)
+    head: str = "lm"
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -95,6 +102,7 @@ class ModelConfig:
                            canonical_dtype(self.param_dtype, "ModelConfig.param_dtype"))
         _check_choice("remat", self.remat, _REMAT)
         _check_choice("attention", self.attention, _ATTENTION)
+        _check_choice("head", self.head, _HEADS)
         for name in ("attention_block", "pallas_block"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -102,6 +110,8 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", Lora(**self.lora))
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -124,7 +134,9 @@ class ModelConfig:
         attn = d * hd * (2 * h + 2 * kv) + (h + 2 * kv) * hd * self.qkv_bias
         attn += d * self.o_bias + 2 * hd * self.qk_norm
         block = attn + 3 * d * f + 2 * d
-        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings or self.head == "reward"
+                                     else 2)
+        emb += d * (self.head == "reward")  # the scalar head
         return self.num_layers * block + emb + d
 
     @classmethod
@@ -147,8 +159,14 @@ class ModelConfig:
         if model_type not in _ARCHITECTURES:
             raise bad("model_type", f"unsupported; jaxpo supports {sorted(_ARCHITECTURES)}")
         archs = hf.get("architectures") or [_ARCHITECTURES[model_type]]
-        if list(archs) != [_ARCHITECTURES[model_type]]:
-            raise bad("architectures", f"expected ['{_ARCHITECTURES[model_type]}']")
+        heads = {_ARCHITECTURES[model_type]: "lm", _reward_architecture(model_type): "reward"}
+        if len(archs) != 1 or archs[0] not in heads:
+            raise bad("architectures", f"expected {[[a] for a in heads]}")
+        head = heads[archs[0]]
+        # transformers: num_labels, else len(id2label), else 2
+        labels = hf.get("num_labels", len(hf.get("id2label") or {"0": "", "1": ""}))
+        if head == "reward" and labels != 1:
+            raise bad("num_labels", f"{labels} labels; a reward model has one (a scalar score)")
         if hf.get("hidden_act", "silu") != "silu":
             raise bad("hidden_act", "only 'silu' is supported")
         if hf.get("mlp_bias", False):
@@ -174,28 +192,29 @@ class ModelConfig:
         # Llama and Qwen3 have one attention_bias flag; Qwen2 always has q/k/v bias; Mistral none.
         bias = bool(hf.get("attention_bias", False)) and model_type in ("llama", "qwen3")
         eos = hf.get("eos_token_id")
-        fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            model_type=model_type,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=True if model_type == "qwen2" else bias,
-            o_bias=False if model_type == "qwen2" else bias,
-            qk_norm=model_type == "qwen3",
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=hf.get("pad_token_id"),
-        )
+        fields = {
+            "vocab_size": hf["vocab_size"],
+            "hidden_size": hf["hidden_size"],
+            "intermediate_size": hf["intermediate_size"],
+            "num_layers": hf["num_hidden_layers"],
+            "num_heads": heads,
+            "num_kv_heads": hf.get("num_key_value_heads") or heads,
+            "head_dim": head_dim,
+            "model_type": model_type,
+            "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+            "rope_theta": rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": hf.get("max_position_embeddings", 4096),
+            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "qkv_bias": True if model_type == "qwen2" else bias,
+            "o_bias": False if model_type == "qwen2" else bias,
+            "qk_norm": model_type == "qwen3",
+            "initializer_range": float(hf.get("initializer_range", 0.02)),
+            "bos_token_id": hf.get("bos_token_id"),
+            "eos_token_id": tuple(eos) if isinstance(eos, list) else eos,
+            "pad_token_id": hf.get("pad_token_id"),
+            "head": head,
+        }
         fields.update(overrides)
         return cls(**fields)
 
@@ -215,7 +234,8 @@ class ModelConfig:
             rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
                     **dataclasses.asdict(self.rope_scaling)}
         out = {
-            "architectures": [_ARCHITECTURES[self.model_type]],
+            "architectures": [_ARCHITECTURES[self.model_type] if self.head == "lm"
+                              else _reward_architecture(self.model_type)],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -246,7 +266,14 @@ class ModelConfig:
             out["sliding_window"] = None
         if self.model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
+        if self.head == "reward":  # one scalar: transformers' num_labels=1 regression head
+            out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         return out
+
+
+def _reward_architecture(model_type: str) -> str:
+    """``LlamaForSequenceClassification`` for ``llama``: the HF class of a reward model."""
+    return _ARCHITECTURES[model_type].replace("ForCausalLM", "ForSequenceClassification")
 
 
 def canonical_dtype(dtype: Any, field: str = "dtype") -> str:
@@ -300,8 +327,8 @@ def _rope_from_hf(hf: dict[str, Any], bad) -> tuple[float, RopeScaling | None]:
     )
 
 
-_TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
-             num_kv_heads=2, head_dim=16, max_position_embeddings=1024, tie_word_embeddings=True)
+_TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 192, "num_layers": 2, "num_heads": 4,
+             "num_kv_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "tie_word_embeddings": True}
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # Trains on a 2-core CPU in a minute or two; pass vocab_size= the tokenizer's size.
@@ -309,17 +336,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "tiny-qwen2": dict(_TINY, model_type="qwen2", qkv_bias=True, rope_theta=1e6),
     "tiny-qwen3": dict(_TINY, model_type="qwen3", qk_norm=True, tie_word_embeddings=False,
                        rope_theta=1e6),
-    "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
-        bos_token_id=128000, eos_token_id=(128001, 128008, 128009), param_dtype="bfloat16",
-        dtype="bfloat16"),
-    "qwen2-7b": dict(
-        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, qkv_bias=True,
-        rope_theta=1e6, max_position_embeddings=32768, eos_token_id=151643,
-        param_dtype="bfloat16", dtype="bfloat16"),
+    "llama3-8b": {
+        "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_layers": 32,
+        "num_heads": 32, "num_kv_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 8192), "max_position_embeddings": 131072,
+        "bos_token_id": 128000, "eos_token_id": (128001, 128008, 128009), "param_dtype": "bfloat16",
+        "dtype": "bfloat16"},
+    "qwen2-7b": {
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_layers": 28, "num_heads": 28, "num_kv_heads": 4, "head_dim": 128, "qkv_bias": True,
+        "rope_theta": 1e6, "max_position_embeddings": 32768, "eos_token_id": 151643,
+        "param_dtype": "bfloat16", "dtype": "bfloat16"},
 }
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpo.models import lora
 from jaxpo.models.config import ModelConfig, canonical_dtype
 from jaxpo.models.safetensors_io import Index, TensorDirectory, save_directory
 from jaxpo.models.transformer import Transformer
@@ -127,7 +128,9 @@ def _param_table(cfg: ModelConfig) -> list[_Param]:
         table.append(param(f"layers.mlp.{name}", _LAYER + f"mlp.{name}_proj.weight", hf_axes,
                            (1, 0)))
     table.append(param("norm.scale", "model.norm.weight", ((d,),)))
-    if not cfg.tie_word_embeddings:
+    if cfg.head == "reward":  # *ForSequenceClassification's score [1, D] <-> [D, 1]
+        table.append(param("score", "score.weight", ((1,), (d,)), (1, 0)))
+    elif not cfg.tie_word_embeddings:
         table.append(param("lm_head", "lm_head.weight", ((v,), (d,))))
     return table
 
@@ -169,11 +172,15 @@ def read_config(path: str, **overrides: Any) -> ModelConfig:
 class _Checkpoint(TensorDirectory):
     """A checkpoint directory read as the parameters of a model."""
 
-    def check(self, cfg: ModelConfig, table: list[_Param]) -> None:
-        """Raises on an unexpected, missing or wrongly shaped tensor (file headers only)."""
+    def check(self, cfg: ModelConfig, table: list[_Param], *, from_lm: bool = False) -> None:
+        """Raises on an unexpected, missing or wrongly shaped tensor (file headers only).
+        ``from_lm``: a reward model read from a causal LM's checkpoint (no ``score.weight``;
+        its ``lm_head.weight`` is not read)."""
+        if from_lm:
+            table = [p for p in table if p.path != ("score",)]
         tensors = list(_hf_tensors(table, cfg.num_layers))
         expected = {name for name, _, _ in tensors}
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings or from_lm:
             expected.add("lm_head.weight")  # tied checkpoints may still store the copy
         unexpected = sorted(n for n in self.files if n not in expected and not _IGNORED.fullmatch(n))
         if unexpected:
@@ -253,13 +260,19 @@ def _load(path: str, cfg: ModelConfig, shardings: Any) -> tuple[nnx.GraphDef, nn
     dtype = jnp.dtype(cfg.param_dtype)
     table = _param_table(cfg)
     with _Checkpoint(path) as checkpoint:
-        checkpoint.check(cfg, table)
+        # A reward model started from a causal LM's checkpoint: the LM's decoder and a zero
+        # score head, so that every reward starts at 0 (its lm_head is not read).
+        from_lm = cfg.head == "reward" and "score.weight" not in checkpoint.files
+        checkpoint.check(cfg, table, from_lm=from_lm)
         for param in table:
             target = variables[param.path]
             shape = target.get_value().shape
 
             def read(index: Index, param=param, shape=shape) -> np.ndarray:
-                return checkpoint.read(param, _normalize(index, shape)).astype(dtype, copy=False)
+                index = _normalize(index, shape)
+                if from_lm and param.path == ("score",):
+                    return np.zeros([s.stop - s.start for s in index], dtype)
+                return checkpoint.read(param, index).astype(dtype, copy=False)
 
             if placement is None:
                 value = jnp.asarray(read((slice(None),) * len(shape)))
@@ -334,7 +347,9 @@ def export_hf(model: Transformer, path: str, *, dtype: Any = None,
               max_shard_size: int | str = "5GB") -> list[str]:
     """Writes ``model`` as a Hugging Face checkpoint directory (config.json + safetensors).
 
-    The stacked layers are written as HF's per-layer tensors, in HF's order.
+    The stacked layers are written as HF's per-layer tensors, in HF's order. A model with LoRA
+    adapters is written merged, ``W + (α/r)·A·B`` (:func:`jaxpo.models.lora.merged`); its
+    adapters alone are :func:`jaxpo.models.lora.export_peft`.
 
     Args:
       model: the model.
@@ -350,7 +365,10 @@ def export_hf(model: Transformer, path: str, *, dtype: Any = None,
     cfg = model.config
     dtype = canonical_dtype(cfg.param_dtype if dtype is None else dtype)
     np_dtype = jnp.dtype(dtype)  # bfloat16 is ml_dtypes.bfloat16
-    variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    params = nnx.state(model, nnx.Param)
+    if cfg.lora is not None:  # an adapted model is written as the base model it equals
+        params, cfg = lora.merged(params, cfg.lora), cfg.replace(lora=None)
+    variables = dict(nnx.to_flat_state(params))
     values: dict[tuple[str, ...], np.ndarray] = {}
     tensors = {}
     for name, param, layer in _hf_tensors(_param_table(cfg), cfg.num_layers):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxpo.sharding.logical import constrain
+from jaxpo.sharding.logical import constrain, shards
 
 # Sequence positions per chunk. Tuned with benchmarks/logprob_memory.py (V = 128k, S = 2048).
 DEFAULT_CHUNK_SIZE = 256
@@ -120,24 +120,35 @@ def token_stats(
     num_chunks = -(-length // chunk_size)
     padded = num_chunks * chunk_size
 
+    # Under sharding rules the rows are split P ways over the batch's mesh axes. The chunks
+    # carry that split as an explicit leading axis [C, P, B/P, chunk, ...], and the
+    # unembedding is broadcast to one copy per batch shard [P, V, D] (gathered over its embed
+    # axis once here, not once per chunk). Each shard's unembedding gradient then accumulates
+    # locally across the chunks of the backward loop, and the transpose of the broadcast sums
+    # the P partial gradients once, after the loop: one reduction of the [V, D] gradient per
+    # step instead of one per chunk.
+    parts = shards("batch", batch)
+
     def to_chunks(x: jax.Array) -> jax.Array:
-        # [B, S, ...] -> [C, B, chunk, ...]; padding positions are computed and dropped.
+        # [B, S, ...] -> [C, P, B/P, chunk, ...]; padding positions are computed and dropped.
         x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
-        x = x.reshape(batch, num_chunks, chunk_size, *x.shape[2:])
-        return jnp.moveaxis(x, 1, 0)
+        x = x.reshape(parts, batch // parts, num_chunks, chunk_size, *x.shape[2:])
+        x = jnp.moveaxis(x, 2, 0)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
     def gather(h: jax.Array) -> jax.Array:
         index = jnp.where(valid, pred_index, 0)[..., None]  # [B, S, 1]
-        return to_chunks(jnp.take_along_axis(h, index, axis=1))  # [C, B, chunk, D]
+        return to_chunks(jnp.take_along_axis(h, index, axis=1))  # [C, P, B/P, chunk, D]
 
-    # Under sharding rules: rows stay sharded over the batch axes, and the unembedding is
-    # gathered over its embed axis once here rather than once per chunk inside the loop.
+    def per_shard(w: jax.Array) -> jax.Array:  # [V, D] -> [P, V, D]
+        w = constrain(w, ("vocab", None))
+        return constrain(jnp.broadcast_to(w[None], (parts, *w.shape)), ("batch", "vocab", None))
+
     xs = {"h": gather(hidden), "tokens": to_chunks(tokens)}
-    unembedding = constrain(unembedding, ("vocab", None))
+    unembedding = per_shard(unembedding)
     if with_ref:
         xs["ref_h"] = gather(ref_hidden)
-        ref_unembedding = constrain(ref_unembedding, ("vocab", None))
-    xs = {k: constrain(v, (None, "batch") + (None,) * (v.ndim - 2)) for k, v in xs.items()}
+        ref_unembedding = per_shard(ref_unembedding)
     body = functools.partial(
         _chunk_stats, with_entropy=with_entropy, with_sq=with_sq, with_ref=with_ref
     )
@@ -146,10 +157,10 @@ def token_stats(
     def step(carry, x):
         return carry, body(x, unembedding, ref_unembedding)
 
-    _, out = jax.lax.scan(step, None, xs)  # each [C, B, chunk]
+    _, out = jax.lax.scan(step, None, xs)  # each [C, P, B/P, chunk]
     result = {}
     for name, value in out.items():
-        value = jnp.moveaxis(value, 0, 1).reshape(batch, padded)[:, :length]  # [B, S]
+        value = jnp.moveaxis(value, 0, 2).reshape(batch, padded)[:, :length]  # [B, S]
         result[name] = jnp.where(valid, value, 0.0)
     return result
 
@@ -163,10 +174,11 @@ def _chunk_stats(
     with_sq: bool,
     with_ref: bool,
 ) -> dict[str, jax.Array]:
-    """Statistics of one chunk: ``x["h"]`` ``[B, c, D]``, ``x["tokens"]`` ``[B, c]``."""
-    logits = _project(x["h"], unembedding)  # [B, c, V] fp32
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
-    picked = jnp.take_along_axis(logits, x["tokens"][..., None], axis=-1)[..., 0]  # [B, c]
+    """Statistics of one chunk: ``x["h"]`` ``[P, B/P, c, D]``, ``x["tokens"]`` ``[P, B/P, c]``
+    and the per-shard unembeddings ``[P, V, D]``."""
+    logits = _project(x["h"], unembedding)  # [P, B/P, c, V] fp32
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [P, B/P, c]
+    picked = jnp.take_along_axis(logits, x["tokens"][..., None], axis=-1)[..., 0]
     out = {"logps": picked - lse}
     if with_entropy or with_ref:
         logp = logits - lse[..., None]  # [B, c, V]
@@ -183,8 +195,9 @@ def _chunk_stats(
 
 
 def _project(h: jax.Array, unembedding: jax.Array) -> jax.Array:
-    """``h @ unembedding.T`` accumulated in fp32: ``[B, c, D] x [V, D] -> [B, c, V]``."""
-    return jnp.einsum("bcd,vd->bcv", h, unembedding, preferred_element_type=jnp.float32)
+    """``h @ unembedding.T`` per batch shard, accumulated in fp32:
+    ``[P, b, c, D] x [P, V, D] -> [P, b, c, V]``."""
+    return jnp.einsum("pbcd,pvd->pbcv", h, unembedding, preferred_element_type=jnp.float32)
 
 
 def _check_shapes(hidden, unembedding, tokens, pred_index, chunk_size, prefix="") -> None:

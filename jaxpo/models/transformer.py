@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxpo.models.attention import Attention, Cache, RMSNorm, TreeLayout, param, tree_mask
 from jaxpo.models.config import ModelConfig
+from jaxpo.models.lora import Adapter
 from jaxpo.sharding.logical import constrain
 
 _ACTIVATION = ("batch", "length", "embed")
@@ -42,12 +43,24 @@ class MLP(nnx.Module):
         self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.up = param(rngs, (d, f), ("embed", "mlp"), cfg)
         self.down = param(rngs, (f, d), ("mlp", "embed"), cfg)
+        if cfg.lora is not None:  # low-rank updates of the targeted projections
+            shapes = {"gate": (d, "embed", f, "mlp"), "up": (d, "embed", f, "mlp"),
+                      "down": (f, "mlp", d, "embed")}
+            for name, (n_in, in_name, n_out, out_name) in shapes.items():
+                if name in cfg.lora.targets:
+                    setattr(self, f"{name}_lora", Adapter((n_in,), (in_name,), (n_out,),
+                                                          (out_name,), cfg.lora,
+                                                          cfg.param_dtype, rngs=rngs))
+
+    def _project(self, name: str, x: jax.Array) -> jax.Array:
+        y = x @ getattr(self, name)[...].astype(x.dtype)
+        adapter = getattr(self, f"{name}_lora", None)
+        return y if adapter is None else y + adapter(x)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        gate = x @ self.gate[...].astype(dtype)  # [B, T, F]
-        up = x @ self.up[...].astype(dtype)
-        return (jax.nn.silu(gate) * up) @ self.down[...].astype(dtype)  # [B, T, D]
+        gate = self._project("gate", x)  # [B, T, F]
+        up = self._project("up", x)
+        return self._project("down", jax.nn.silu(gate) * up)  # [B, T, D]
 
 
 class Block(nnx.Module):
@@ -87,7 +100,8 @@ class Transformer(nnx.Module):
     ``layers.attn.k``/``layers.attn.v`` ``[L, D, K, hd]``, ``layers.attn.o`` ``[L, H, hd, D]``,
     ``layers.mlp.gate``/``layers.mlp.up`` ``[L, D, F]``, ``layers.mlp.down`` ``[L, F, D]``,
     ``layers.attn_norm.scale``/``layers.mlp_norm.scale`` ``[L, D]`` (and the optional biases
-    and q/k norms); ``norm.scale`` ``[D]``; ``lm_head`` ``[V, D]`` when embeddings are untied.
+    and q/k norms); ``norm.scale`` ``[D]``; ``lm_head`` ``[V, D]`` when embeddings are untied;
+    a reward model (``head="reward"``) has ``score`` ``[D, 1]`` (embed) and no ``lm_head``.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -98,14 +112,25 @@ class Transformer(nnx.Module):
         # the forward and backward passes trace one.
         self.layers = stack_blocks([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
-        if not cfg.tie_word_embeddings:
+        if cfg.head == "reward":  # a reward model: one scalar per position, no unembedding
+            self.score = param(rngs, (cfg.hidden_size, 1), ("embed", None), cfg)
+        elif not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                  cfg)
 
     def unembedding(self) -> jax.Array:
         """The output projection ``[V, D]`` in the compute dtype (the embedding when tied)."""
+        if self.config.head != "lm":
+            raise ValueError(f"a model with head={self.config.head!r} has no next-token "
+                             "distribution (it is a reward model: see Transformer.reward)")
         table = self.embed if self.config.tie_word_embeddings else self.lm_head
         return table[...].astype(self.config.dtype)
+
+    def reward(self, hidden: jax.Array) -> jax.Array:
+        """A reward model's fp32 scalar output ``[...]`` at each hidden state ``[..., D]``
+        (``head="reward"``); a response's reward is the value at its last token."""
+        score = self.score[...].astype(hidden.dtype)[:, 0]  # [D]
+        return jnp.einsum("...d,d->...", hidden, score, preferred_element_type=jnp.float32)
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)  # [B, S, D]

@@ -7,9 +7,10 @@ the devices. The environment it reads, first match wins:
 - explicit arguments, or ``JAXPO_COORDINATOR`` (``host:port``) with ``JAXPO_NUM_PROCESSES`` and
   ``JAXPO_PROCESS_ID``, or ``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES`` and
   ``JAX_PROCESS_ID``;
-- a SLURM job step with more than one task (``SLURM_JOB_ID``, ``SLURM_NTASKS``), Open MPI
-  (``OMPI_COMM_WORLD_SIZE``), or a multi-host Cloud TPU slice (``TPU_WORKER_HOSTNAMES`` with
-  several hosts, or ``MEGASCALE_COORDINATOR_ADDRESS``): JAX detects the cluster itself.
+- otherwise JAX's own cluster detection (``jax.distributed.initialize()`` without arguments
+  and the cluster plugins it consults: Cloud TPU VM slices through the TPU metadata server or
+  GKE's environment, multislice, Kubernetes JobSets, SLURM, Open MPI). jaxpo only asks the same
+  plugins whether one applies; a SLURM or Open MPI job of one task stays single-process.
 
 On CPU, cross-process collectives use gloo.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import clusters
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpo.sharding.rules import batch_shardings, get_rules
@@ -42,14 +44,18 @@ def _env_int(*names: str) -> int | None:
 
 
 def _cluster_detected() -> str | None:
-    """Names the multi-process cluster the environment describes, if any."""
-    if "SLURM_JOB_ID" in os.environ and (_env_int("SLURM_NTASKS", "SLURM_NPROCS") or 1) > 1:
-        return "slurm"
-    if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
-        return "open mpi"
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if len(hosts) > 1 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return "cloud tpu"
+    """The name of the cluster JAX's ``jax.distributed.initialize()`` would detect, if any.
+
+    The same plugins, in the same order, as JAX's own auto-detection (``ClusterEnv``'s
+    registry; the opt-in mpi4py plugin is skipped as JAX skips it). A SLURM or Open MPI job
+    of a single process is not a multi-process run.
+    """
+    for env in clusters.ClusterEnv._cluster_types:  # JAX's plugin registry (private)
+        if env.opt_in_only_method or not env.is_env_present():
+            continue
+        if env in (clusters.SlurmCluster, clusters.OmpiCluster) and env.get_process_count() < 2:
+            return None
+        return env.name or env.__name__
     return None
 
 
@@ -112,41 +118,38 @@ def maybe_initialize(
 
 
 def make_global_batch(
-    local_batch: Mapping[str, Any],
+    batch: Mapping[str, Any],
     mesh: Mesh,
     shardings: Mapping[str, NamedSharding] | None = None,
     *,
     rules=None,
 ) -> dict[str, jax.Array]:
-    """Assembles global arrays from each process's rows of the batch.
+    """Global arrays from the host batch that every process holds in full.
 
-    Every process calls this with its own slice (the same keys, shapes and dtypes on every
-    process); process ``p``'s rows become rows ``[p * n, (p + 1) * n)`` of the global arrays,
-    whose leading axis is ``process_count`` times the local one. Scalars are taken as global
-    (they must be equal on every process).
+    Every process calls this with the same global batch (the data pipeline builds it the same
+    way everywhere). Each addressable device gets exactly the slice its sharding's index says,
+    so the rows a process uploads follow the mesh's device order whatever it is: contiguous,
+    or processes interleaved as JAX orders large TPU slices. Nothing is compared or gathered
+    across processes.
 
     Args:
-        local_batch: dict of numpy arrays ``[n, ...]`` (this process's rows).
+        batch: dict of numpy arrays (the global batch; scalars too).
         mesh: the device mesh.
-        shardings: ``NamedSharding`` per key for the *global* arrays; default
+        shardings: ``NamedSharding`` per key; default
             :func:`jaxpo.sharding.rules.batch_shardings` with ``rules`` (default ``fsdp``).
         rules: logical-axis rules used when ``shardings`` is None.
 
     Returns:
         dict of global ``jax.Array`` s.
     """
-    local_batch = {k: np.asarray(v) for k, v in local_batch.items()}
+    batch = {k: np.asarray(v) for k, v in batch.items()}
     if shardings is None:
-        procs = jax.process_count()
-        global_shapes = {
-            k: jax.ShapeDtypeStruct((v.shape[0] * procs, *v.shape[1:]) if v.ndim else (), v.dtype)
-            for k, v in local_batch.items()
-        }
-        shardings = batch_shardings(global_shapes, mesh, get_rules(rules or "fsdp"))
+        shardings = batch_shardings(batch, mesh, get_rules(rules or "fsdp"))
     out = {}
-    for key, value in local_batch.items():
+    for key, value in batch.items():
         if key not in shardings:
             raise KeyError(f"make_global_batch: no sharding for batch key {key!r}")
-        global_shape = () if value.ndim == 0 else None  # a scalar is the same everywhere
-        out[key] = jax.make_array_from_process_local_data(shardings[key], value, global_shape)
+        out[key] = jax.make_array_from_callback(value.shape, shardings[key],
+                                                lambda index, v=value: v[index])
     return out
+

@@ -120,6 +120,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def shards(name: str, size: int) -> int:
+    """How many ways the active rules split a dimension of ``size`` named ``name`` (1 outside
+    :func:`use_rules`, or when the mesh axes do not divide ``size``).
+
+    >>> shards("batch", 8)
+    1
+    """
+    active = getattr(_state, "active", None)
+    if active is None:
+        return 1
+    mesh, rules = active
+    spec = resolve_spec((size,), (name,), mesh, rules, where=name, strict=False)
+    return _mesh_size(mesh, spec[0], name)
+
+
 def _axes(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
 

@@ -48,8 +48,9 @@ def tokenizer_dir() -> str:
     return str(resources.files("jaxpo") / "assets" / "tiny_tokenizer")
 
 
-def tokenizer_files() -> dict[str, str]:
-    """The text of the tiny tokenizer's files: a word-level ``tokenizers`` model over VOCAB."""
+def tokenizer_files(vocab: tuple[str, ...] = VOCAB) -> dict[str, str]:
+    """The text of the tiny tokenizer's files: a word-level ``tokenizers`` model over ``vocab``
+    (VOCAB for the bundled one; its first four words must be the special tokens)."""
     model = {
         "version": "1.0", "truncation": None, "padding": None,
         "added_tokens": [
@@ -70,7 +71,7 @@ def tokenizer_files() -> dict[str, str]:
             "special_tokens": {BOS: {"id": BOS, "ids": [1], "tokens": [BOS]}},
         },
         "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(VOCAB)},
+        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(vocab)},
                   "unk_token": UNK},
     }
     config = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
@@ -80,10 +81,10 @@ def tokenizer_files() -> dict[str, str]:
             "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
 
 
-def write_tokenizer(out_dir: str) -> str:
+def write_tokenizer(out_dir: str, vocab: tuple[str, ...] = VOCAB) -> str:
     """Writes the tiny tokenizer's files into ``out_dir`` (how the bundled asset was made)."""
     os.makedirs(out_dir, exist_ok=True)
-    for name, text in tokenizer_files().items():
+    for name, text in tokenizer_files(vocab).items():
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(text)
     return out_dir

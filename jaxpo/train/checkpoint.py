@@ -4,11 +4,14 @@ Each checkpoint (a directory per step, written atomically: a run killed mid-save
 complete checkpoints behind) holds:
 
 - ``params``: the policy parameters, saved and restored with their shardings (collectively on
-  many hosts); a run can start from another run's params (``model.init_from``);
+  many hosts); a run can start from another run's params (``model.init_from``); with LoRA
+  only the adapters (the frozen base stays where it was loaded from, and a resumed run loads
+  it again from the same config);
 - ``optimizer``: the rest of the :class:`~jaxpo.train.state.TrainState` (update count,
   optimiser state, running statistics);
-- ``data``: the training data iterator's state, one file per process, through grain's orbax
-  checkpoint handler (``grain.checkpoint.CheckpointSave``);
+- ``data``: the training data iterator's state (JSON, written once): the iterator yields the
+  same global batches on every process, whatever their number, so a checkpoint written by
+  two processes resumes on one and the reverse, continuing the same data sequence;
 - ``config``: the run's config (JSON);
 - ``meta``: small JSON facts of the run (counters).
 
@@ -23,7 +26,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -66,7 +68,7 @@ class Checkpointer:
         Args:
           step: the checkpoint's step (the state's update count).
           state: the train state.
-          data: the training data iterator (its state is saved per process), or None.
+          data: the training data iterator (its state is saved), or None.
           config, meta: JSON-able dicts, or None.
 
         Raises:
@@ -78,7 +80,7 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(state.params),
                  "optimizer": ocp.args.StandardSave(_optimizer_part(state))}
         if data is not None:  # the position now, not when the background write runs
-            items["data"] = grain.checkpoint.CheckpointSave(_Position(data.get_state()))
+            items["data"] = ocp.args.JsonSave(data.get_state())
         for name, value in zip(JSON_ITEMS, (config, meta)):
             if value is not None:
                 items[name] = ocp.args.JsonSave(value)
@@ -105,16 +107,10 @@ class Checkpointer:
         if data is not None:
             if "data" not in self.item_names(step):
                 raise ValueError(f"{self.directory}/{step} has no data iterator state")
-            items["data"] = grain.checkpoint.CheckpointRestore(data)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:
-            if "process_" in str(e):  # grain: no file for this process index / count
-                raise ValueError(
-                    f"{self.directory}/{step}: the data iterator was saved by a different "
-                    f"number of processes than the {jax.process_count()} resuming it ({e})"
-                ) from None
-            raise
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data is not None:
+            data.set_state(restored["data"])
         rest = restored["optimizer"]
         return TrainState(step=rest["step"], params=restored["params"],
                           opt_state=rest["opt_state"], stats=rest["stats"])
@@ -151,23 +147,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-class _Position(grain.DatasetIterator):
-    """A data iterator's state, frozen at save time (what grain's handler writes)."""
-
-    def __init__(self, state: dict[str, Any]):  # no parents: it only holds the state
-        self._state = state
-        self._closed = True  # nothing to close
-
-    def __next__(self):
-        raise StopIteration
-
-    def get_state(self) -> dict[str, Any]:
-        return self._state
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._state = state
 
 
 def _optimizer_part(state: TrainState) -> dict[str, Any]:

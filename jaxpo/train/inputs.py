@@ -23,6 +23,7 @@ from jaxpo.data.sources import RecordSource
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.models.config import ModelConfig, get_preset
 from jaxpo.models.hf_io import read_config
+from jaxpo.models.lora import Lora
 from jaxpo.tasks import synthetic
 
 
@@ -37,10 +38,12 @@ def tokenizer_dir(config: Config) -> str:
 
 def model_config(config: Config, tokenizer: Tokenizer) -> ModelConfig:
     """The decoder config: from ``model.path``'s config.json, or the preset (tiny presets take
-    the tokenizer's vocabulary size)."""
+    the tokenizer's vocabulary size), with ``model.lora``'s adapters when its rank is > 0."""
     m = config.model
     common = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat": m.remat,
-              "attention": m.attention, "attention_block": m.attention_block}
+              "attention": m.attention, "attention_block": m.attention_block, "head": m.head}
+    if m.lora.rank:  # the adapted model; its base is the same config with lora=None
+        common["lora"] = Lora(m.lora.rank, m.lora.alpha, m.lora.targets)
     if m.path:
         return read_config(m.path, **common)
     if m.preset.startswith("tiny"):
@@ -106,17 +109,13 @@ def source(config: Config, files: tuple[str, ...]) -> RecordSource:
     return RecordSource(list(files), max_record_bytes=config.data.max_record_bytes)
 
 
-def _processes() -> dict[str, int]:
-    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
-
-
 def train_iterator(config: Config, files: tuple[str, ...], builder: Any, *,
                    with_ref_logps: bool = False, mismatched_pairs: bool = False
                    ) -> PackIterator:
     """The shuffled, repeating training iterator (``get_state``/``set_state``, ``counters``)."""
     return make_train_iterator(source(config, files), builder, config.data,
                                seed=config.train.seed, with_ref_logps=with_ref_logps,
-                               mismatched_pairs=mismatched_pairs, **_processes())
+                               mismatched_pairs=mismatched_pairs)
 
 
 def eval_iterator(config: Config, files: tuple[str, ...], builder: Any, *,
@@ -124,5 +123,4 @@ def eval_iterator(config: Config, files: tuple[str, ...], builder: Any, *,
                   ) -> PackIterator:
     """One ordered pass over ``files``."""
     return make_eval_iterator(source(config, files), builder, config.data,
-                              with_ref_logps=with_ref_logps, mismatched_pairs=mismatched_pairs,
-                              **_processes())
+                              with_ref_logps=with_ref_logps, mismatched_pairs=mismatched_pairs)

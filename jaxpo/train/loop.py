@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpo.config import Config, differences, from_dict
@@ -46,6 +47,7 @@ from jaxpo.train import checkpoint as ckpt_lib
 from jaxpo.train import inputs
 from jaxpo.train import metrics as metrics_lib
 from jaxpo.train import reference as ref_lib
+from jaxpo.train import rollout as rollout_lib
 from jaxpo.train import state as state_lib
 from jaxpo.train.loss_inputs import BATCH_KEYS, REFERENCE_KEYS, sequence_logps
 from jaxpo.train.setup import Run, build_run
@@ -79,12 +81,18 @@ def train(config: Config, workdir: str, *, progress: bool = True) -> dict[str, A
 
 
 def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> dict[str, Any]:
+    config = rollout_lib.resolve(config)  # an on-policy run's data kind and reference
     train_files, eval_files = inputs.data_files(config, workdir)
     config, run = resolved_run(config, train_files)
     builders = _builders(run, train_files, eval_files)
     with_ref = run.reference_mode == "precomputed"
-    it = inputs.train_iterator(config, train_files, builders["train"], with_ref_logps=with_ref,
-                               mismatched_pairs=run.mismatched_pairs)
+    if config.rollout.enabled:  # the policy's own samples (jaxpo.train.rollout)
+        it = rollout_lib.RolloutIterator(run, builders["train"], train_files, workdir)
+        if with_ref:  # the reference is refreshed per round: held-out data has no log-probs
+            eval_files = ()
+    else:
+        it = inputs.train_iterator(config, train_files, builders["train"],
+                                   with_ref_logps=with_ref, mismatched_pairs=run.mismatched_pairs)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     state, ref_params, resumed = _start(run, ckpt, it)
     start, total = int(state.step), config.train.steps
@@ -96,6 +104,10 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
     keys = _batch_keys(run, with_ref)
     try:
         for update in range(start, total):
+            if config.rollout.enabled:  # a new round of samples from the policy, when due
+                stats = it.rollout(state.params, update)
+                if stats:
+                    writer.write(update + 1, stats)
             position = it.get_state()
             try:
                 local = stack(*(next(it) for _ in range(config.optim.grad_accum_steps)))
@@ -127,6 +139,8 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
                 last_eval = evaluator(state.params, ref_params)
                 writer.write(done, last_eval)
                 bar.write(f"step {done}: " + _short(last_eval))
+            if _eval_due(config, done) and config.rollout.enabled:
+                it.log_samples(done, bar.write)
             if (done % config.train.checkpoint_every == 0 or done == total
                     or preempted.is_set()):
                 _save(run, ckpt, state, it)
@@ -174,7 +188,6 @@ def resolved_run(config: Config, train_files: tuple[str, ...]) -> tuple[Config, 
     run = build_run(config)
     builder = inputs.group_builder(config, run.tokenizer, run.label_mapping, run.objective.kinds)
     data = resolve_batch_shapes(config.data, inputs.source(config, train_files), builder,
-                                process_count=jax.process_count(),
                                 row_multiple=run.mesh.shape["data"] * run.mesh.shape["fsdp"])
     if data == config.data:
         return config, run
@@ -194,7 +207,7 @@ def load_params(run: Run, workdir: str | None, *, untrained: bool = False
     has = workdir and os.path.isdir(os.path.join(workdir, "checkpoints"))
     ckpt = ckpt_lib.Checkpointer(workdir, keep=run.config.train.keep_checkpoints) if has else None
     step = ckpt.latest_step() if ckpt else None
-    initial = run.initial_params() if step is None or run.reference_mode == "model" else None
+    initial = run.initial_params() if step is None or run.frozen_initial else None
     if step is None:
         if ckpt:
             ckpt.close()
@@ -206,7 +219,7 @@ def load_params(run: Run, workdir: str | None, *, untrained: bool = False
                              f"model.preset={model.preset!r}: pass --untrained to use it anyway")
         if workdir:
             print(f"(no checkpoint in {workdir}: using the initial model)", file=sys.stderr)
-        return initial, run.reference_params(initial), 0
+        return run.trainable(initial), run.reference_params(initial), 0
     state = ckpt.restore(step, run.abstract_state())
     ckpt.close()
     return state.params, run.reference_params(initial), step
@@ -217,8 +230,8 @@ def load_policy(config: Config, workdir: str | None, *, untrained: bool = False)
     from flax import nnx
 
     run = build_run(config)
-    params, _, step = load_params(run, workdir, untrained=untrained)
-    return nnx.merge(run.graphdef, params), step
+    params, frozen, step = load_params(run, workdir, untrained=untrained)
+    return nnx.merge(run.graphdef, run.spec.logp.policy_params(params, frozen)), step
 
 
 def precompute_reference(config: Config, out_dir: str, workdir: str | None = None
@@ -235,9 +248,15 @@ def precompute_reference(config: Config, out_dir: str, workdir: str | None = Non
     files = {"train": train_files, "eval": eval_files}
     key = ref_lib.cache_key(run.model_cfg, params, inputs.tokenizer_dir(config), config.data,
                             files)
-    fn = jax.jit(lambda p, b: sequence_logps(
-        run.graphdef, p, b, num_nodes=run.num_nodes,
-        chunk_size=config.model.logprob_chunk_size).logps)
+
+    def logps(p, b):
+        with run.spec.rules_context():
+            return sequence_logps(run.spec.logp.reference_graphdef, p, b, num_nodes=run.num_nodes,
+                                  chunk_size=config.model.logprob_chunk_size).logps
+
+    # Every process reads the same global batches and gets all of the [NG, K] log-probs
+    # (replicated), so every process fills the same tables; process 0 writes them.
+    fn = jax.jit(logps, out_shardings=NamedSharding(run.mesh, PartitionSpec()))
     builder = inputs.group_builder(config, run.tokenizer, run.label_mapping)
     tables = {}
     for split, paths in files.items():
@@ -245,11 +264,15 @@ def precompute_reference(config: Config, out_dir: str, workdir: str | None = Non
             continue
         num_records = len(inputs.source(config, paths))
         table = np.full((num_records, config.data.max_responses), np.nan, np.float32)
-        for local in inputs.eval_iterator(config, paths, builder):
-            logps = np.asarray(jax.device_get(fn(params, {k: local[k] for k in BATCH_KEYS})))
-            ref_lib.fill_table(table, local, logps)
+        for host in inputs.eval_iterator(config, paths, builder):
+            local = {k: host[k] for k in BATCH_KEYS}
+            batch = make_global_batch(local, run.mesh, _batch_shardings(run, local))
+            ref_lib.fill_table(table, host, np.asarray(jax.device_get(fn(params, batch))))
         tables[split] = table
-    ref_lib.write_cache(out_dir, key, tables)
+    if _is_main():
+        ref_lib.write_cache(out_dir, key, tables)
+    if jax.process_count() > 1:  # the cache exists for every process once this returns
+        multihost_utils.sync_global_devices("jaxpo-precompute-reference")
     return {"dir": out_dir, "hash": key["hash"], "records": {k: len(v) for k, v in tables.items()}}
 
 
@@ -269,7 +292,8 @@ class _Logger:
     def __init__(self, run: Run, it, writer: metrics_lib.MetricsWriter,
                  bar: metrics_lib.ProgressBar, start: int):
         self.run, self.it, self.writer, self.bar = run, it, writer, bar
-        self.num_params = state_lib.count_params(run.abstract_params)
+        self.num_params = state_lib.count_params(  # the whole model's, for mfu
+            run.base_abstract if run.lora else run.abstract_params)
         self.tokens, self.shown, self.t0 = 0, start, time.perf_counter()
         self.last: dict[str, Any] = {}
         self.truncation_reported = False
@@ -295,7 +319,7 @@ class _Logger:
     def step(self, done: int, out: dict[str, Any], local: dict[str, Any]) -> None:
         """Counts the update's tokens; on a log step, keeps its (device) metrics to write one
         log step later, so that the host never waits for the update it just dispatched."""
-        self.tokens += int(np.count_nonzero(local["segment"]))  # real tokens, this process
+        self.tokens += int(np.count_nonzero(local["segment"]))  # real tokens, global batch
         cfg = self.run.config.train
         if done % cfg.log_every and done != cfg.steps:
             return
@@ -313,7 +337,7 @@ class _Logger:
         cfg = self.run.config.train
         out = {k: float(v) for k, v in jax.device_get(out).items()}
         out |= metrics_lib.throughput(
-            tokens=tokens * jax.process_count(), seconds=now - self.t0,
+            tokens=tokens, seconds=now - self.t0,
             num_params=self.num_params, peak_flops=cfg.peak_flops,
             num_devices=jax.device_count())
         out |= _data_counters(counters)
@@ -423,9 +447,9 @@ def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it) -> tuple[Any, Any, int | N
     """``(state, reference params, resumed step or None)``: restored or fresh. A checkpoint
     that cannot be read is skipped (with a warning naming it) for the one before it."""
     steps = sorted(ckpt.all_steps(), reverse=True)
-    initial = run.initial_params() if not steps or run.reference_mode == "model" else None
+    initial = run.initial_params() if not steps or run.frozen_initial else None
     if not steps:
-        return run.new_state(initial), run.reference_params(initial), None
+        return run.new_state(run.trainable(initial)), run.reference_params(initial), None
     _check_resumable(run, ckpt, steps[0])
     for step in steps:
         try:
@@ -467,16 +491,10 @@ def _save(run: Run, ckpt: ckpt_lib.Checkpointer, state, it) -> None:
 
 def _batch_shardings(run: Run, local: dict[str, np.ndarray], *, micro_axis: bool = False
                      ) -> dict[str, Any]:
-    """Shardings of the global batch built from this process's ``local`` arrays (rows on the
-    leading axis, or on the second after a micro-batch axis)."""
-    procs = jax.process_count()
-
-    def global_shape(x):  # rows of every process
-        return jax.ShapeDtypeStruct((x.shape[0] * procs, *x.shape[1:]), x.dtype)
-
+    """Shardings of the global host batch ``local`` (every process holds all of it; rows on
+    the leading axis, or on the second after a micro-batch axis)."""
     one = {k: v[0] for k, v in local.items()} if micro_axis else local
-    shardings = batch_shardings({k: global_shape(v) for k, v in one.items()}, run.mesh,
-                                run.rules)
+    shardings = batch_shardings(one, run.mesh, run.rules)
     if not micro_axis:
         return shardings
     return {k: NamedSharding(run.mesh, PartitionSpec(None, *s.spec))
@@ -561,5 +579,6 @@ class _Evaluator:
 
 
 def _short(metrics: dict[str, float]) -> str:
-    keys = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+    keys = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/accuracy",
+            "eval/margin")
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics)

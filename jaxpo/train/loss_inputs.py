@@ -14,7 +14,9 @@ computes exactly that and nothing more:
   ``log Σ_v p_v²`` and, with the reference model, its token log-probs and ``KL(π_ref ‖ π_θ)``;
 - ``step_similarity`` ``[NG, K, K, M]`` (TPO) from the policy's hidden states, only when
   responses have more than one step;
-- ``kto_kl``: KTO's reference point, the batch mean policy − reference log-ratio.
+- ``kto_kl``: KTO's reference point, the batch mean policy − reference log-ratio;
+- ``rewards`` ``[NG, K]`` instead of any log-prob, for a reward-model objective: the model's
+  scalar head at each response's last token (:func:`response_rewards`).
 
 Running statistics (BCO's ``reward_mean``) live in the train state; the step fills them in.
 """
@@ -30,7 +32,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxpo import losses
-from jaxpo.models.logprobs import ResponseLogps, node_sums, response_logps, token_logps, token_stats
+from jaxpo.models import lora
+from jaxpo.models.logprobs import (
+    ResponseLogps,
+    gather_steps,
+    node_sums,
+    response_logps,
+    token_logps,
+    token_stats,
+)
 
 Batch = Mapping[str, jax.Array]
 # Batch entries the step reads (others, e.g. group_id, stay on the host).
@@ -52,6 +62,9 @@ class LogpSpec:
       reference_mode: ``model``, ``precomputed`` or ``none``.
       mismatched_kl: KTO's reference point from the batch's mismatched pairs (``kl_*``
         arrays, :mod:`jaxpo.data.mismatched`) instead of its own pairs.
+      base_graphdef: with LoRA adapters, the base model's structure (``graphdef`` is the
+        adapted model's): the trained params are the adapters, the step's frozen params the
+        base weights, and the reference is the base model (adapters off). None without LoRA.
     """
 
     graphdef: nnx.GraphDef
@@ -59,6 +72,17 @@ class LogpSpec:
     chunk_size: int = 256
     reference_mode: str = "model"
     mismatched_kl: bool = False
+    base_graphdef: nnx.GraphDef | None = None
+
+    @property
+    def reference_graphdef(self) -> nnx.GraphDef:
+        """The reference model's structure: the base model with LoRA, else the policy's."""
+        return self.graphdef if self.base_graphdef is None else self.base_graphdef
+
+    def policy_params(self, params: Any, frozen: Any) -> Any:
+        """The policy's params for ``graphdef``: ``params``, or with LoRA the frozen base
+        weights and the adapters ``params`` together (only the adapters get gradients)."""
+        return params if self.base_graphdef is None else lora.combine(frozen, params)
 
 
 def forward(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -81,6 +105,50 @@ def sequence_logps(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_nod
                         chunk_size=min(chunk_size, batch["tokens"].shape[1]))  # [R, S]
     return response_logps(logps, batch["node_slot"], batch["pred_index"],
                           batch["response_nodes"], num_nodes)
+
+
+def response_rewards(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_nodes: int
+                     ) -> jax.Array:
+    """A reward model's reward of each response of a packed batch ``[NG, K]`` (0 for padding).
+
+    The reward is the scalar head (:meth:`jaxpo.models.Transformer.reward`) on the final-normed
+    hidden state of the response's last token: the last token of the last step (the leaf
+    node) on its path, which has seen the prompt and the whole response in every layout.
+    """
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden(batch["tokens"], batch["positions"], batch["segment"],
+                          batch["node_pre"], batch["node_last"])  # [R, S, D]
+    values = model.reward(hidden)  # [R, S] fp32
+    seq = values.shape[1]
+    valid = batch["pred_index"] >= 0  # [R, S] scored (response) tokens
+    index = jnp.where(valid, jnp.arange(seq, dtype=jnp.int32)[None, :], -1)
+
+    def row_ends(i, s):
+        return jax.ops.segment_max(i, s, num_segments=num_nodes)  # [N]
+
+    ends = jax.vmap(row_ends)(index, batch["node_slot"]).reshape(-1)  # [R * N] last position
+    nodes = batch["response_nodes"]  # [NG, K, M], the path's real steps first
+    depth = jnp.maximum(jnp.sum(nodes >= 0, axis=-1) - 1, 0)  # [NG, K]
+    leaf = jnp.take_along_axis(nodes, depth[..., None], axis=-1)[..., 0]  # [NG, K]
+    end = ends[jnp.maximum(leaf, 0)]  # [NG, K]
+    real = batch["response_mask"].astype(bool) & (leaf >= 0) & (end >= 0)
+    flat = jnp.maximum(leaf, 0) // num_nodes * seq + jnp.maximum(end, 0)  # into [R * S]
+    return jnp.where(real, values.reshape(-1)[flat], 0.0)
+
+
+def reward_inputs(spec: LogpSpec, params: Any, batch: Batch) -> losses.LossInputs:
+    """The :class:`jaxpo.losses.LossInputs` of a reward model on ``batch``: ``rewards``
+    ``[NG, K]`` and no log-probs (its head has no next-token distribution)."""
+    rewards = response_rewards(spec.graphdef, params, batch, num_nodes=spec.num_nodes)
+    counts = gather_steps(_node_counts(batch, spec.num_nodes), batch["response_nodes"])
+    return losses.LossInputs(
+        policy_logps=None,
+        rewards=rewards,
+        scores=batch["scores"].astype(jnp.float32),
+        num_tokens=jnp.sum(counts, axis=-1),  # [NG, K]
+        response_mask=batch["response_mask"].astype(bool),
+        group_mask=batch["group_mask"].astype(bool),
+    )
 
 
 def _node_counts(batch: Batch, num_nodes: int) -> jax.Array:
@@ -175,7 +243,7 @@ def _reference(spec: LogpSpec, ref_params: Any, batch: Batch
                ) -> tuple[jax.Array, jax.Array]:
     """``(ref_logps [NG, K], ref_step_logps [NG, K, M])`` of the configured reference."""
     if spec.reference_mode == "model":
-        ref = sequence_logps(spec.graphdef, jax.lax.stop_gradient(ref_params), batch,
+        ref = sequence_logps(spec.reference_graphdef, jax.lax.stop_gradient(ref_params), batch,
                              num_nodes=spec.num_nodes, chunk_size=spec.chunk_size)
         # The reference is frozen.
         return jax.lax.stop_gradient(ref.logps), jax.lax.stop_gradient(ref.step_logps)
@@ -198,13 +266,17 @@ def batch_inputs(spec: LogpSpec, objective: losses.Objective, params: Any, ref_p
     Args:
       spec: the run's log-prob settings.
       objective: from :func:`jaxpo.losses.build`; its ``needs`` decide what is computed.
-      params: the policy params.
-      ref_params: the frozen reference params (``reference_mode="model"``), else None.
+      params: the trained params: the policy's, or with LoRA its adapters.
+      ref_params: the step's frozen params: the reference (``reference_mode="model"``; with
+        LoRA the base weights, which are the reference too), else None.
       batch: the packed batch (:data:`BATCH_KEYS`, plus :data:`REFERENCE_KEYS` when
         precomputed).
     """
     needs = objective.needs
-    hidden, unembedding = forward(spec.graphdef, params, batch)  # [R, S, D], [V, D]
+    policy_params = spec.policy_params(params, ref_params)
+    if "rewards" in needs:  # a reward model: no log-probs, no reference
+        return reward_inputs(spec, policy_params, batch)
+    hidden, unembedding = forward(spec.graphdef, policy_params, batch)  # [R, S, D], [V, D]
     tokens, pred_index = batch["tokens"], batch["pred_index"]
     chunk = min(spec.chunk_size, tokens.shape[1])
     path = (batch["node_slot"], pred_index, batch["response_nodes"], spec.num_nodes)
@@ -214,7 +286,7 @@ def batch_inputs(spec: LogpSpec, objective: losses.Objective, params: Any, ref_p
     if objective.level == "token":
         ref_arrays = {}
         if wants_reference and spec.reference_mode == "model":
-            ref_hidden, ref_unembedding = forward(spec.graphdef,
+            ref_hidden, ref_unembedding = forward(spec.reference_graphdef,
                                                   jax.lax.stop_gradient(ref_params), batch)
             ref_arrays = {"ref_hidden": ref_hidden, "ref_unembedding": ref_unembedding}
         stats = token_stats(hidden, unembedding, tokens, pred_index, chunk_size=chunk,
@@ -248,8 +320,11 @@ def mismatched_kl(spec: LogpSpec, params: Any, ref_params: Any, batch: Batch) ->
         raise ValueError("loss.kto_kl='mismatched' but the batch has no mismatched pairs "
                          "(kl_* arrays): build the iterator with mismatched_pairs=True")
     args = {"num_nodes": spec.num_nodes, "chunk_size": spec.chunk_size}
-    policy = sequence_logps(spec.graphdef, jax.lax.stop_gradient(params), kl_batch, **args)
-    ref = sequence_logps(spec.graphdef, jax.lax.stop_gradient(ref_params), kl_batch, **args)
+    policy = sequence_logps(spec.graphdef,
+                            jax.lax.stop_gradient(spec.policy_params(params, ref_params)),
+                            kl_batch, **args)
+    ref = sequence_logps(spec.reference_graphdef, jax.lax.stop_gradient(ref_params), kl_batch,
+                         **args)
     real = kl_batch["response_mask"] & kl_batch["group_mask"][:, None]  # [NG, K]
     diff = jnp.where(real, policy.logps - ref.logps, 0.0)
     mean = jnp.sum(diff) / jnp.maximum(jnp.sum(real), 1)

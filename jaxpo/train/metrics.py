@@ -25,7 +25,8 @@ from typing import Any
 import tqdm
 
 # Shown on the progress bar, in this order, under these short names.
-BAR_KEYS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"))
+BAR_KEYS = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+            ("accuracy", "acc"), ("margin", "margin"))  # the last two: a reward model's
 
 
 def throughput(*, tokens: int, seconds: float, num_params: int, peak_flops: float,

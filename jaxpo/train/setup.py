@@ -3,7 +3,7 @@ objective, optimiser, shardings, the step spec and the initial parameters.
 
     run = build_run(config)          # checks the config against the objective, once
     params = run.initial_params()    # model.init_from, model.path or the seeded init
-    state = run.new_state(params)
+    state = run.new_state(run.trainable(params))  # with LoRA: fresh adapters on the base
 
 :func:`check` is the one place where the objective is checked against the reference mode and
 the data kind.
@@ -24,11 +24,11 @@ from jax.sharding import Mesh
 from jaxpo import losses
 from jaxpo.config import Config
 from jaxpo.data.tokenize import Tokenizer
-from jaxpo.models import preset_names
+from jaxpo.models import lora, preset_names
 from jaxpo.models.config import ModelConfig
 from jaxpo.models.hf_io import load_hf_params
 from jaxpo.models.transformer import Transformer
-from jaxpo.sharding import get_rules, make_mesh, maybe_initialize
+from jaxpo.sharding import get_rules, make_mesh, maybe_initialize, param_shardings
 from jaxpo.sharding.logical import Rules
 from jaxpo.train import inputs
 from jaxpo.train import state as state_lib
@@ -54,6 +54,17 @@ def check(config: Config, objective: losses.Objective) -> None:
             config.model.preset not in preset_names()):
         raise ValueError(f"config.model.preset={config.model.preset!r} is not a model preset; "
                          f"choose from {preset_names()} or set config.model.path")
+    reward_model = "rewards" in objective.needs
+    if reward_model != (config.model.head == "reward"):
+        want = "reward" if reward_model else "lm"
+        raise ValueError(
+            f"config.loss.name={objective.name!r} trains "
+            f"{'a reward model' if reward_model else 'a causal LM'}, but config.model.head="
+            f"{config.model.head!r}; set config.model.head={want}"
+            + ("" if reward_model else " (or config.loss.name=bradley_terry)"))
+    if reward_model and (objective.components or config.loss.modifier):
+        raise ValueError(f"config.loss.name={config.loss.name!r}, config.loss.modifier="
+                         f"{config.loss.modifier!r}: a reward-model objective is used alone")
     mode = config.reference.mode
     if objective.needs_reference and mode == "none":
         raise ValueError(
@@ -93,10 +104,26 @@ class Run:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_shardings: state_lib.TrainState
+    # With LoRA (model.lora.rank > 0) the trained params (abstract_params, state_shardings)
+    # are the adapters; these are the frozen base weights' abstract params and shardings.
+    base_abstract: Any = None
+    base_shardings: Any = None
 
     @property
     def graphdef(self) -> nnx.GraphDef:
+        """The policy's structure (the adapted model with LoRA)."""
         return self.spec.logp.graphdef
+
+    @property
+    def lora(self) -> bool:
+        """Whether the run trains LoRA adapters on frozen base weights."""
+        return self.model_cfg.lora is not None
+
+    @property
+    def frozen_initial(self) -> bool:
+        """Whether the step takes the initial weights as its frozen argument: the reference
+        model, or LoRA's base weights (which are also its reference, adapters off)."""
+        return self.reference_mode == "model" or self.lora
 
     @property
     def objective(self) -> losses.Objective:
@@ -122,25 +149,43 @@ class Run:
         return self.config.data.label_mapping or self.objective.labels or "minmax"
 
     def initial_params(self) -> Any:
-        """The policy's initial params, sharded: ``model.init_from``'s newest checkpoint, else
-        the Hugging Face checkpoint in ``model.path``, else the seeded init."""
-        shardings = self.state_shardings.params
+        """The initial model's params, sharded: ``model.init_from``'s newest checkpoint, else
+        the Hugging Face checkpoint in ``model.path``, else the seeded init. With LoRA these
+        are the frozen base weights (see :meth:`trainable`)."""
+        abstract, shardings = self.abstract_params, self.state_shardings.params
+        cfg, seed = self.model_cfg, self.config.train.seed
+        if self.lora:
+            abstract, shardings = self.base_abstract, self.base_shardings
+            cfg = cfg.replace(lora=None)
         m = self.config.model
         if m.init_from:
-            return _params_of_run(m.init_from, abstract_like(self.abstract_params, shardings))
+            return _params_of_run(m.init_from, abstract_like(abstract, shardings))
         if m.path:  # each device reads only its shards from the memory-mapped files
-            return load_hf_params(m.path, self.model_cfg, shardings)
-        cfg, seed = self.model_cfg, self.config.train.seed
+            return load_hf_params(m.path, cfg, shardings)
 
         def init():
             return state_lib.split_model(Transformer(cfg, rngs=nnx.Rngs(params=seed)))[1]
 
         return jax.jit(init, out_shardings=shardings)()
 
+    def trainable(self, initial: Any) -> Any:
+        """The trained params at step 0: ``initial`` itself, or with LoRA fresh adapters (``A``
+        drawn with ``train.seed``, ``B`` zero: the policy starts as the base model exactly)."""
+        if not self.lora:
+            return initial
+        cfg, seed = self.model_cfg, self.config.train.seed
+
+        def init():  # the base weights drawn here are unused, and compiled away
+            model = Transformer(cfg, rngs=nnx.Rngs(params=seed, lora=seed))
+            return lora.split(state_lib.split_model(model)[1])[1]
+
+        return jax.jit(init, out_shardings=self.state_shardings.params)()
+
     def reference_params(self, params: Any) -> Any:
-        """The frozen reference for ``reference_mode="model"`` (the initial policy params, which
-        the donated train state no longer owns: :meth:`new_state` copies them), else None."""
-        return params if self.reference_mode == "model" else None
+        """The step's frozen argument: the initial params ``params`` for
+        ``reference_mode="model"`` or LoRA (the donated train state does not own them:
+        :meth:`new_state` copies), else None."""
+        return params if self.frozen_initial else None
 
     def new_state(self, params: Any) -> state_lib.TrainState:
         """A fresh state (step 0, new optimizer state) around a copy of ``params`` (new
@@ -155,7 +200,8 @@ class Run:
 
     def train_step(self, batch_shardings: Any = None):
         """The compiled step: ``(state, ref_params, batch) -> (state, metrics)``."""
-        ref_shardings = self.state_shardings.params if self.reference_mode == "model" else None
+        ref_shardings = (self.base_shardings if self.lora else
+                         self.state_shardings.params if self.reference_mode == "model" else None)
         return make_train_step(self.spec, self.tx, schedule=self.schedule,
                                state_shardings=self.state_shardings,
                                ref_shardings=ref_shardings, batch_shardings=batch_shardings)
@@ -173,6 +219,12 @@ def _params_of_run(workdir: str, abstract_params: Any) -> Any:
         step = ckpt.latest_step()
         if step is None:
             raise ValueError(f"config.model.init_from={workdir!r}: no checkpoint in that workdir")
+        stored = ckpt.read_json(step, "config") or {}
+        if stored.get("model", {}).get("lora", {}).get("rank"):
+            raise ValueError(
+                f"config.model.init_from={workdir!r} is a LoRA run (its checkpoints hold only "
+                "adapters); write its merged model with `jaxpo export --merge --workdir="
+                f"{workdir} --out=DIR` and start from config.model.path=DIR")
         return ckpt.restore_params(step, abstract_params)
     finally:
         ckpt.close()
@@ -188,14 +240,24 @@ def build_run(config: Config) -> Run:
     tokenizer = Tokenizer.from_dir(inputs.tokenizer_dir(config))
     model_cfg = inputs.model_config(config, tokenizer)
     graphdef, abstract = state_lib.abstract_model(model_cfg)
-    tx, schedule = make_optimizer(config.optim, max(config.train.steps, 1))
+    base_graphdef = base_abstract = base_shardings = None
+    if model_cfg.lora is not None:  # train the adapters; the base weights are frozen
+        base_graphdef, base_abstract = state_lib.abstract_model(model_cfg.replace(lora=None))
+        abstract = lora.split(abstract)[1]
+        base_shardings = param_shardings(base_abstract, mesh, rules)
+    # fp32 master weights whenever a trained parameter is stored in less than fp32.
+    low_precision = any(jnp.dtype(x.dtype).itemsize < 4 for x in jax.tree.leaves(abstract))
+    tx, schedule = make_optimizer(config.optim, max(config.train.steps, 1),
+                                  master_weights=low_precision)
     mode = config.reference.mode if objective.needs_reference else "none"
     logp = LogpSpec(graphdef, num_nodes=inputs.node_slots(config),
                     chunk_size=config.model.logprob_chunk_size, reference_mode=mode,
                     mismatched_kl=("kto_kl" in objective.needs
-                                   and config.loss.kto_kl == "mismatched"))
+                                   and config.loss.kto_kl == "mismatched"),
+                    base_graphdef=base_graphdef)
     spec = StepSpec(logp=logp, objective=objective, hparams=hparams,
                     metrics_beta=losses.metrics_beta(objective, hparams), mesh=mesh, rules=rules)
     return Run(config=config, mesh=mesh, rules=rules, tokenizer=tokenizer, model_cfg=model_cfg,
                abstract_params=abstract, spec=spec, tx=tx, schedule=schedule,
-               state_shardings=state_lib.state_shardings(abstract, tx, mesh, rules))
+               state_shardings=state_lib.state_shardings(abstract, tx, mesh, rules),
+               base_abstract=base_abstract, base_shardings=base_shardings)

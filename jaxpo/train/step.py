@@ -181,6 +181,10 @@ def make_eval_step(spec: StepSpec) -> Callable[..., dict[str, jax.Array]]:
 
 def batch_metrics(inputs: losses.LossInputs, beta: float, logps: str = "sum"
                   ) -> dict[str, jax.Array]:
-    """TRL-named reward/log-prob metrics and ranking metrics, float32 scalars."""
-    out = losses.preference_metrics(inputs, beta, logps=logps)
+    """TRL-named reward/log-prob metrics and ranking metrics, float32 scalars (a reward
+    model's accuracy, margin and reward statistics when ``logps="reward"``)."""
+    if logps == "reward":
+        out = losses.reward_metrics(inputs)
+    else:
+        out = losses.preference_metrics(inputs, beta, logps=logps)
     return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}

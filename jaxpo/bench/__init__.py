@@ -1,0 +1,1 @@
+"""Benchmarks that train and measure: ``jaxpo bench quality`` (:mod:`jaxpo.bench.quality`)."""

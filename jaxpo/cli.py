@@ -41,6 +41,7 @@ import jaxpo
 from jaxpo import config as config_lib
 from jaxpo import demo, plot
 from jaxpo.bench import quality
+from jaxpo.data.tokenize import Tokenizer
 from jaxpo.models import export_hf
 from jaxpo.models.lora import export_peft
 from jaxpo.train import inputs, loop, reward_model
@@ -231,8 +232,31 @@ def cmd_export(flags: dict[str, Any], overrides: list[str]) -> int:
         if os.path.exists(src) and not os.path.exists(os.path.join(out, name)):
             shutil.copy(src, os.path.join(out, name))
             copied.append(name)
+    if "config.json" in files:
+        _record_pad_token(out, tok_dir)
     print(json.dumps({"out": out, "step": step, "files": [*files, *copied]}))
     return 0
+
+
+def _record_pad_token(out: str, tok_dir: str) -> None:
+    """Writes the tokenizer's padding token id into ``<out>/config.json`` when the model
+    config has none: transformers' ``*ForSequenceClassification`` finds each row's last token
+    from it and refuses batches of more than one row without it."""
+    path = os.path.join(out, "config.json")
+    with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    if hf.get("pad_token_id") is not None or not os.path.exists(
+            os.path.join(tok_dir, "tokenizer.json")):
+        return
+    tok = Tokenizer.from_dir(tok_dir)
+    pad = tok.specials.get("pad_token")
+    pad_id = tok.token_id(pad) if pad else None
+    if pad_id is None:
+        return
+    hf["pad_token_id"] = pad_id
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def cmd_plot(flags: dict[str, Any], overrides: list[str]) -> int:

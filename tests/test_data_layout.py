@@ -160,7 +160,7 @@ def test_one_pair_share_prefix_by_hand():
     b = pack_groups([g], cfg)
     assert sorted(b) == sorted(["tokens", "positions", "segment", "node_pre", "node_last",
                                 "pred_index", "node_slot", "response_nodes", "scores",
-                                "response_mask", "group_mask", "group_id"])
+                                "response_mask", "group_mask", "group_id", "margin"])
     np.testing.assert_array_equal(b["tokens"], [[11, 12, 13, 21, 22, 31, 0, 0]])
     np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 4, 3, 0, 0]])
     np.testing.assert_array_equal(b["segment"], [[1, 1, 1, 1, 1, 1, 0, 0]])

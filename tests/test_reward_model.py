@@ -2,6 +2,7 @@
 read at each response's last token in every layout, scoring, export and load back, and (slow)
 a short rm_tiny training whose held-out accuracy rises."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ from scipy.special import logsumexp
 from jaxpo import cli, losses
 from jaxpo.config import DataConfig, load_config
 from jaxpo.data.batcher import BatchConfig, pack_groups
+from jaxpo.data.errors import Where
 from jaxpo.data.groups import GroupBuilder
+from jaxpo.data.sources import RawRecord
 from jaxpo.data.tokenize import Tokenizer
 from jaxpo.models import Transformer, export_hf, get_preset, load_hf
 from jaxpo.models.config import ModelConfig
@@ -31,8 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "configs", "rm_tiny.py")
 
 
-def np_bt(chosen, rejected, margin):
-    return np.logaddexp(0.0, -(chosen - rejected - margin))
+def np_bt(chosen, rejected, margin, center=0.0):
+    return np.logaddexp(0.0, -(chosen - rejected - margin)) + center * (chosen + rejected) ** 2
 
 
 def np_plackett_luce(r, psi, valid):
@@ -58,6 +61,9 @@ def test_bradley_terry_matches_numpy_with_margins():
     batched = jax.vmap(lambda a, b: losses.bradley_terry(a, b, margin=0.5))(c, r)
     np.testing.assert_allclose(batched, np_bt(c, r, 0.5), rtol=1e-5)
     assert np.isfinite(losses.bradley_terry(jnp.float32(-1e4), jnp.float32(1e4)))
+    # TRL's center_rewards_coefficient: + c (r_c + r_r)^2
+    np.testing.assert_allclose(fn(c, r, margin=per_pair, center_rewards_coefficient=0.01),
+                               np_bt(c, r, per_pair, 0.01), rtol=1e-5)
 
 
 def test_plackett_luce_matches_numpy_and_is_bradley_terry_for_two():
@@ -71,6 +77,11 @@ def test_plackett_luce_matches_numpy_and_is_bradley_terry_for_two():
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     pair = fn(r[:, :2], np.array([1.0, 0.0]))
     np.testing.assert_allclose(pair, np_bt(r[:, 0], r[:, 1], 0.0), rtol=1e-5)
+    centered = fn(r, psi, where=valid, center_rewards_coefficient=0.1)
+    np.testing.assert_allclose(
+        centered, np.array(want) + 0.1 * np.sum(np.where(valid, r, 0), axis=-1) ** 2, rtol=1e-5)
+    pair = fn(r[:, :2], np.array([1.0, 0.0]), center_rewards_coefficient=0.1)
+    np.testing.assert_allclose(pair, np_bt(r[:, 0], r[:, 1], 0.0, 0.1), rtol=1e-5)
     # all masked: 0 and finite gradients
     none = np.zeros((5, 4), bool)
     loss, grads = jax.jit(jax.value_and_grad(
@@ -102,8 +113,9 @@ def test_objective_pairs_lists_and_metrics():
     np.testing.assert_allclose(metrics["accuracy"], 0.5)
     np.testing.assert_allclose(metrics["margin"], np.mean(rewards[:2, 0] - rewards[:2, 1]),
                                rtol=1e-6)
-    np.testing.assert_allclose(metrics["rewards/mean"], real.mean(), rtol=1e-6)
-    np.testing.assert_allclose(metrics["rewards/std"], real.std(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["mean_reward"], real.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["std_reward"], real.std(), rtol=1e-5)
+    assert float(metrics["min_reward"]) == real.min() and float(metrics["max_reward"]) == real.max()
 
     lists = np.array([[0.3, 2.0, -1.0, 0.5]], np.float32)
     scores = np.array([[0.2, 1.0, 0.0, 0.7]], np.float32)
@@ -165,18 +177,29 @@ def _alone(model, sequences):
     return np.array([values[i, len(seq) - 1] for i, seq in enumerate(sequences)], np.float32)
 
 
-def test_reward_is_read_at_each_response_end_in_every_layout(tiny_rm):
+@pytest.mark.parametrize("pad", ["distinct", "eos"])
+def test_reward_is_read_at_each_response_end_in_every_layout(tiny_rm, pad):
     """Trees: responses share the prompt and leading steps (share_prefix lays them out once),
-    the padded layout repeats them; pairs are the one-step case of the same path."""
+    the padded layout repeats them; pairs are the one-step case of the same path. The reward
+    is read at the last token that is not the padding token, as transformers reads a row: the
+    EOS when the padding token is another token, the token before it when it is the EOS."""
     tok, model = tiny_rm
+    if pad == "eos":  # the same weights, read before each response's closing EOS
+        cfg = model.config.replace(pad_token_id=tok.eos_id)
+        model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(3)))),
+                          nnx.state(model))
     base = DataConfig(format="tree", max_length=32, max_responses=4, max_steps=6, batch_size=3)
     groups = list(map(GroupBuilder(tok, base), synthetic.records("tree", 3, seed=5)))
     assert all(g is not None for g in groups) and max(map(len, groups[0].responses)) > 1
     graphdef, params = nnx.split(model)
     want = np.zeros((3, base.max_responses), np.float32)
     index = [(g, k) for g, group in enumerate(groups) for k in range(group.num_responses)]
-    alone = _alone(model, [np.concatenate([groups[g].node_tokens[0],
-                                           groups[g].response_tokens(k)]) for g, k in index])
+    sequences = [np.concatenate([groups[g].node_tokens[0], groups[g].response_tokens(k)])
+                 for g, k in index]
+    assert all(seq[-1] == tok.eos_id for seq in sequences)
+    if pad == "eos":
+        sequences = [seq[:-1] for seq in sequences]
+    alone = _alone(model, sequences)
     for (g, k), value in zip(index, alone):
         want[g, k] = value
     for layout in ("padded", "packed", "share_prefix"):
@@ -188,6 +211,67 @@ def test_reward_is_read_at_each_response_end_in_every_layout(tiny_rm):
         mask = batch["response_mask"]
         np.testing.assert_allclose(np.where(mask, got, 0), np.where(mask, want, 0), rtol=2e-4,
                                    atol=1e-6, err_msg=layout)
+
+
+def test_each_pairs_margin_field_reaches_the_loss(tiny_rm):
+    """A pair record's ``margin`` (TRL's reward-data column) is added to the configured margin
+    for that pair: the batch carries it, the objective reads it; a bad one names the field."""
+    tok, model = tiny_rm
+    records = [{"prompt": f"sort: {x} ->", "chosen": f" {y}", "rejected": f" {z}", **extra}
+               for x, y, z, extra in [("c a b", "a b c", "a c b", {"margin": 1.5}),
+                                      ("e d", "d e", "e d", {}),
+                                      ("h g i", "g h i", "g g g", {"margin": -0.25})]]
+    data = DataConfig(format="pair", max_length=24, batch_size=4)
+    groups = [GroupBuilder(tok, data)(RawRecord(i, r, Where('rm.jsonl', i + 1)))
+              for i, r in enumerate(records)]
+    batch = pack_groups(groups, BatchConfig.from_data_config(data))
+    np.testing.assert_array_equal(batch["margin"], [1.5, 0.0, -0.25, 0.0])
+    graphdef, params = nnx.split(model)
+    spec_nodes = BatchConfig.from_data_config(data).node_slots
+    rewards = jax.jit(lambda p, b: response_rewards(graphdef, p, b, num_nodes=spec_nodes))(
+        params, {k: batch[k] for k in BATCH_KEYS})
+    inputs = _inputs(rewards, batch["scores"], response_mask=batch["response_mask"],
+                     group_mask=batch["group_mask"])
+    inputs = dataclasses.replace(inputs, reward_margin=jnp.asarray(batch["margin"]))
+    got = jax.jit(lambda i: losses.get("bradley_terry")(
+        i, margin=0.5, center_rewards_coefficient=0.05))(inputs)
+    r = np.asarray(rewards)
+    want = np_bt(r[:3, 0], r[:3, 1], 0.5 + np.array([1.5, 0.0, -0.25]), 0.05)
+    np.testing.assert_allclose(got[:3], want, rtol=1e-5)
+    assert float(got[3]) == 0.0
+    bad = {**records[0], "margin": "big"}
+    with pytest.raises(ValueError, match="rm.jsonl:row 7: field 'margin': expected a number"):
+        GroupBuilder(tok, data)(RawRecord(6, bad, Where('rm.jsonl', 7)))
+
+
+def test_the_run_reads_the_margin_field(tmp_path):
+    """Through the run's own data path and eval step: records that all carry margin 0.7 give
+    the loss of records without one under loss.kwargs=margin=0.7, and not the plain loss."""
+    records = [r for r in synthetic.records("pair", 24, seed=3)]
+
+    def eval_loss(name, extra, overrides=()):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**r, **extra}) + "\n" for r in records))
+        config = load_config(PRESET, [f"--config.data.eval_files={path}",
+                                      "--config.train.eval_batches=2", *overrides])
+        return loop.evaluate(config, str(tmp_path / "w"), untrained=True)["eval/loss"]
+
+    with_field = eval_loss("field", {"margin": 0.7})
+    with_kwarg = eval_loss("plain", {}, ["--config.loss.kwargs=margin=0.7"])
+    plain = eval_loss("plain", {})
+    np.testing.assert_allclose(with_field, with_kwarg, rtol=1e-6)
+    assert with_field > plain + 0.1  # a margin makes the same rewards cost more
+
+
+def test_export_records_the_padding_token(tmp_path):
+    """transformers' *ForSequenceClassification finds each row's last token from
+    config.pad_token_id and refuses batches without one: export writes the tokenizer's."""
+    assert cli.main(["export", f"--config={PRESET}", "--untrained",
+                     f"--out={tmp_path / 'rm'}"]) == 0
+    hf = json.loads((tmp_path / "rm" / "config.json").read_text())
+    tok = Tokenizer.from_dir(synthetic.tokenizer_dir())
+    assert hf["pad_token_id"] == tok.token_id("<pad>") is not None
+    assert hf["pad_token_id"] != tok.eos_id
 
 
 def test_model_config_round_trips_as_sequence_classification(tiny_rm):

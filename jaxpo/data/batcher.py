@@ -246,6 +246,7 @@ class BatchBuilder:
         self.arrays["response_mask"] = np.zeros((NG, K), bool)
         self.arrays["group_mask"] = np.zeros(NG, bool)
         self.arrays["group_id"] = np.full(NG, -1, np.int32)
+        self.arrays["margin"] = np.zeros(NG, np.float32)  # a pair's reward-model margin
         if cfg.with_ref_logps:
             self.arrays["ref_logps"] = np.zeros((NG, K), np.float32)
         self.row_tokens = np.zeros(R, np.int64)  # [R] tokens used
@@ -279,6 +280,7 @@ class BatchBuilder:
         self.arrays["response_mask"][g, :K] = True
         self.arrays["group_mask"][g] = True
         self.arrays["group_id"][g] = group.id
+        self.arrays["margin"][g] = group.margin
         if self.cfg.with_ref_logps:
             self.arrays["ref_logps"][g, :K] = group.ref_logps
         self.num_groups += 1

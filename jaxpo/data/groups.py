@@ -260,4 +260,5 @@ def _compact(rec: Record, nodes, parents, kept, scores) -> TokenizedGroup:
         responses=[[new[n] for n in path] for _, path in kept],
         scores=np.asarray(scores, np.float32),
         ref_logps=ref,
+        margin=0.0 if rec.margin is None else float(rec.margin),
     )

@@ -4,7 +4,8 @@ Field names follow TRL's where it has them (see docs/data.md for every format):
 
 - pair: ``prompt``/``chosen``/``rejected`` (strings or ``[{role, content}]`` message lists), or
   ``chosen``/``rejected`` only (implicit prompt: their common prefix); optional
-  ``ref_chosen_logps``/``ref_rejected_logps``.
+  ``ref_chosen_logps``/``ref_rejected_logps``, and ``margin`` (a reward model's per-pair
+  Bradley–Terry margin).
 - list: ``prompt``, ``responses`` (K strings or message lists), ``scores`` (higher is better) or
   ``ranks`` (1 = best); optional ``ref_logps`` (K floats).
 - tree: ``prompt`` and ``tree`` (nested ``{text, reward?, score?, children}``), or ``prompt`` and
@@ -63,6 +64,7 @@ class Record:
       ranks: ``[K]`` ranks (1 = best) when the record gave ranks instead of scores.
       tree: the step tree of a tree record.
       ref_logps: ``[K]`` precomputed reference log-probs, or None.
+      margin: a pair's ``margin`` field (reward models), or None.
       where: the record's file and line/row.
     """
 
@@ -75,6 +77,7 @@ class Record:
     ranks: list[int] | None = None
     tree: Tree | None = None
     ref_logps: list[float] | None = None
+    margin: float | None = None
     where: Where = dataclasses.field(default_factory=Where)
 
     @property
@@ -160,8 +163,11 @@ def _pair(record, record_id, where, max_responses, max_steps) -> Record:
     if any(has_ref):
         ref = [v.check_number(v.require(record, f, where), f, where)
                for f in ("ref_chosen_logps", "ref_rejected_logps")]
+    margin = None
+    if record.get("margin") is not None:
+        margin = v.check_number(record["margin"], "margin", where)
     return Record(record_id, "pair", prompt, conv, [chosen, rejected], [1.0, 0.0], ref_logps=ref,
-                  where=where)
+                  margin=margin, where=where)
 
 
 def _extract_prompt(chosen, rejected, where):

@@ -124,6 +124,10 @@ class Tokenizer:
         """Token ids of ``text``; special tokens from the ``tokenizer.json`` post-processor."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one token string, or None when the vocabulary has no such token."""
+        return self._tok.token_to_id(token)
+
     def decode(self, ids: list[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -19,6 +19,7 @@ class TokenizedGroup:
       responses: per response, the node path from the root's child down to its leaf.
       scores: ``[K]`` float32 labels, higher is better.
       ref_logps: ``[K]`` float32 precomputed reference log-probs, or None.
+      margin: a pair's Bradley–Terry margin (the record's ``margin``; 0 without one).
     """
 
     id: int
@@ -28,6 +29,7 @@ class TokenizedGroup:
     responses: list[list[int]]
     scores: np.ndarray
     ref_logps: np.ndarray | None = None
+    margin: float = 0.0
 
     @property
     def num_responses(self) -> int:

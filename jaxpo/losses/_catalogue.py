@@ -85,22 +85,29 @@ def _token_fn(loss, objective: str, inputs: LossInputs, *, weights: bool, **hpar
     return jnp.where(valid, out, 0.0)
 
 
-def _reward_fn(inputs: LossInputs, *, margin: float) -> jax.Array:
-    """A reward model's loss: Bradley–Terry (with ``margin``) on the best- and worst-labelled
-    of two responses, Plackett–Luce on the label ranking of longer lists and tree leaves."""
+def _reward_fn(inputs: LossInputs, *, margin: float,
+               center_rewards_coefficient: float) -> jax.Array:
+    """A reward model's loss: Bradley–Terry (with ``margin`` plus each pair's own
+    ``inputs.reward_margin``) on the best- and worst-labelled of two responses, Plackett–Luce
+    on the label ranking of longer lists and tree leaves; both with the centering term."""
     inputs.require("bradley_terry", "rewards")
     real = _real(inputs)  # [NG, K]
     rewards = _clean(inputs, inputs.rewards)
+    center = center_rewards_coefficient
     if rewards.shape[-1] != 2:
         if not isinstance(margin, jax.Array) and margin != 0.0:
             raise ValueError(f"bradley_terry: margin={margin!r} applies to pairs; these groups "
                              f"hold K={rewards.shape[-1]} responses (Plackett-Luce, no margin)")
-        out = _reward.plackett_luce(rewards, inputs.scores, where=real)
+        out = _reward.plackett_luce(rewards, inputs.scores, where=real,
+                                    center_rewards_coefficient=center)
         return jnp.where(inputs.group_mask, out, 0.0)
+    if inputs.reward_margin is not None:
+        margin = margin + inputs.reward_margin  # [NG]
     best, worst = best_index(inputs.scores, real), worst_index(inputs.scores, real)  # [NG]
     valid = inputs.group_mask & jnp.all(real, axis=-1) & (
         take(inputs.scores, best) > take(inputs.scores, worst))  # tied labels: no preference
-    out = _reward.bradley_terry(take(rewards, best), take(rewards, worst), margin=margin)
+    out = _reward.bradley_terry(take(rewards, best), take(rewards, worst), margin=margin,
+                                center_rewards_coefficient=center)
     return jnp.where(valid, out, 0.0)
 
 
@@ -249,9 +256,10 @@ _register("tpo", _tpo_fn, needs_reference=True, kinds=_LIST_KINDS, hyperparamete
           formula="Σ_{ψ_i>ψ_j} λ_ij log(1 + e^{−d_ij}), d_ij = Σ_m (1 − S_ij,m)(ρ_i,m − ρ_j,m)",
           paper="Liao et al. 2025 (TPO), arXiv 2410.12854")
 _register("bradley_terry", _reward_fn, needs_reference=False, kinds=_LIST_KINDS, logps="reward",
-          needs=("rewards",), hyperparameters={"margin": 0.0},
-          formula="pairs: −log σ(r_c − r_r − m); lists and tree leaves: "
-                  "−Σ_k log(e^{r_τ(k)} / Σ_{j≥k} e^{r_τ(j)}) (Plackett–Luce)",
+          needs=("rewards",), hyperparameters={"margin": 0.0, "center_rewards_coefficient": 0.0},
+          formula="pairs: −log σ(r_c − r_r − m − m_pair) + c(r_c + r_r)²; lists and tree "
+                  "leaves: −Σ_k log(e^{r_τ(k)} / Σ_{j≥k} e^{r_τ(j)}) + c(Σ_k r_k)² "
+                  "(Plackett–Luce)",
           paper="Bradley & Terry 1952; Ouyang et al. 2022; Touvron et al. 2023 (margin); "
                 "Zhu et al. 2023 (K-wise)")
 _register("sft", _sft_fn, needs_reference=False, kinds=("pair", "list", "tree", "unpaired"),

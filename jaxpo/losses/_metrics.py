@@ -119,7 +119,8 @@ def reward_metrics(inputs: LossInputs) -> dict[str, jax.Array]:
       the worst-labelled one (strictly; groups with tied labels are excluded);
     - ``margin``: mean reward gap best − worst over the same groups;
     - ``rewards/chosen``, ``rewards/rejected``: mean reward of the best / worst responses;
-    - ``rewards/mean``, ``rewards/std``: over every real response;
+    - ``mean_reward``, ``min_reward``, ``max_reward``, ``std_reward``: over every real response
+      (TRL's reward-trainer names, and the standard deviation);
     - when K > 2, ``ranking/accuracy``, ``ranking/ndcg``, ``ranking/kendall_tau`` as in
       :func:`preference_metrics`, with the reward-model's rewards.
 
@@ -144,8 +145,10 @@ def reward_metrics(inputs: LossInputs) -> dict[str, jax.Array]:
         "margin": _mean_over(chosen - rejected, ordered),
         "rewards/chosen": _mean_over(chosen, ordered),
         "rewards/rejected": _mean_over(rejected, ordered),
-        "rewards/mean": mean,
-        "rewards/std": jnp.sqrt(variance),
+        "mean_reward": mean,
+        "min_reward": jnp.min(jnp.where(mask, rewards, jnp.inf)),
+        "max_reward": jnp.max(jnp.where(mask, rewards, -jnp.inf)),
+        "std_reward": jnp.sqrt(variance),
     }
     if scores.shape[-1] > 2:
         metrics.update(_ranking_metrics(rewards, scores, mask))

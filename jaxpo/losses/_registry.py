@@ -65,6 +65,8 @@ class LossInputs:
         margins: MODPO margin-model rewards ``[NG, K]``.
         rewards: a reward model's scalar output for each response ``[NG, K]`` (its head on
             the final hidden state at the response's last token).
+        reward_margin: per-pair Bradley–Terry margin ``[NG]`` (a pair record's ``margin``
+            field, 0 where it has none), added to ``bradley_terry``'s ``margin``.
     """
 
     policy_logps: jax.Array | None
@@ -89,6 +91,7 @@ class LossInputs:
     reward_mean: jax.Array | None = None
     margins: jax.Array | None = None
     rewards: jax.Array | None = None
+    reward_margin: jax.Array | None = None
 
     def require(self, objective: str, *fields: str) -> None:
         """Raises ``ValueError`` naming the objective and field if any field is None."""

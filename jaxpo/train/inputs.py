@@ -45,12 +45,23 @@ def model_config(config: Config, tokenizer: Tokenizer) -> ModelConfig:
     if m.lora.rank:  # the adapted model; its base is the same config with lora=None
         common["lora"] = Lora(m.lora.rank, m.lora.alpha, m.lora.targets)
     if m.path:
-        return read_config(m.path, **common)
-    if m.preset.startswith("tiny"):
-        common["vocab_size"] = tokenizer.vocab_size
-        if tokenizer.eos_id is not None:
-            common["eos_token_id"] = tokenizer.eos_id
-    return get_preset(m.preset, **common)
+        cfg = read_config(m.path, **common)
+    else:
+        if m.preset.startswith("tiny"):
+            common["vocab_size"] = tokenizer.vocab_size
+            if tokenizer.eos_id is not None:
+                common["eos_token_id"] = tokenizer.eos_id
+        cfg = get_preset(m.preset, **common)
+    if cfg.head == "reward" and cfg.pad_token_id is None:
+        # A reward is read at a response's last non-padding token, as transformers reads a
+        # *ForSequenceClassification row; the padding token is the tokenizer's, else its EOS
+        # (as TRL's reward trainer sets it), and exports record it in config.json.
+        pad = tokenizer.specials.get("pad_token")
+        pad_id = tokenizer.token_id(pad) if pad else None
+        pad_id = tokenizer.eos_id if pad_id is None else pad_id
+        if pad_id is not None:
+            cfg = cfg.replace(pad_token_id=pad_id)
+    return cfg
 
 
 def data_files(config: Config, workdir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

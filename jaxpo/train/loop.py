@@ -49,7 +49,7 @@ from jaxpo.train import metrics as metrics_lib
 from jaxpo.train import reference as ref_lib
 from jaxpo.train import rollout as rollout_lib
 from jaxpo.train import state as state_lib
-from jaxpo.train.loss_inputs import BATCH_KEYS, REFERENCE_KEYS, sequence_logps
+from jaxpo.train.loss_inputs import BATCH_KEYS, REFERENCE_KEYS, REWARD_KEYS, sequence_logps
 from jaxpo.train.setup import Run, build_run
 from jaxpo.train.step import stack
 
@@ -531,7 +531,8 @@ def _data_counters(counters: dict[str, Any]) -> dict[str, float]:
 def _batch_keys(run: Run, with_ref: bool) -> tuple[str, ...]:
     """The batch entries the steps read."""
     return (BATCH_KEYS + (REFERENCE_KEYS[:1] if with_ref else ())
-            + (KL_KEYS if run.mismatched_pairs else ()))
+            + (KL_KEYS if run.mismatched_pairs else ())
+            + (REWARD_KEYS if "rewards" in run.objective.needs else ()))
 
 
 def _eval_due(config: Config, done: int) -> bool:

@@ -47,6 +47,7 @@ Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ("tokens", "positions", "segment", "node_pre", "node_last", "pred_index",
               "node_slot", "response_nodes", "scores", "response_mask", "group_mask")
 REFERENCE_KEYS = ("ref_logps", "ref_step_logps")
+REWARD_KEYS = ("margin",)  # a reward model's batches also carry each pair's margin [NG]
 _TOKEN_NAMES = {"logps": "policy_token_logps", "log_sq": "token_log_sum_sq_probs",
                 "ref_logps": "reference_token_logps", "kl": "token_kl"}
 
@@ -112,8 +113,13 @@ def response_rewards(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_n
     """A reward model's reward of each response of a packed batch ``[NG, K]`` (0 for padding).
 
     The reward is the scalar head (:meth:`jaxpo.models.Transformer.reward`) on the final-normed
-    hidden state of the response's last token: the last token of the last step (the leaf
-    node) on its path, which has seen the prompt and the whole response in every layout.
+    hidden state of the response's last token that is not the padding token
+    (``config.pad_token_id``): in the last step (the leaf node) on its path, which has seen the
+    prompt and the whole response in every layout. This is where Hugging Face's
+    ``*ForSequenceClassification`` reads a row (its rightmost non-padding token), so a
+    tokenizer whose padding token is its end-of-sequence token (TRL's default when there is
+    none) is read at the token before the closing EOS, and any other at the EOS. A response
+    made only of padding tokens is read at its last token.
     """
     model = nnx.merge(graphdef, params)
     hidden = model.hidden(batch["tokens"], batch["positions"], batch["segment"],
@@ -121,12 +127,20 @@ def response_rewards(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_n
     values = model.reward(hidden)  # [R, S] fp32
     seq = values.shape[1]
     valid = batch["pred_index"] >= 0  # [R, S] scored (response) tokens
-    index = jnp.where(valid, jnp.arange(seq, dtype=jnp.int32)[None, :], -1)
+    positions = jnp.arange(seq, dtype=jnp.int32)[None, :]
 
     def row_ends(i, s):
         return jax.ops.segment_max(i, s, num_segments=num_nodes)  # [N]
 
-    ends = jax.vmap(row_ends)(index, batch["node_slot"]).reshape(-1)  # [R * N] last position
+    def node_ends(mask):  # [R * N] last position of each node where mask holds, else -1
+        index = jnp.where(mask, positions, -1)
+        return jnp.maximum(jax.vmap(row_ends)(index, batch["node_slot"]).reshape(-1), -1)
+
+    ends = node_ends(valid)
+    pad = model.config.pad_token_id
+    if pad is not None:
+        readable = node_ends(valid & (batch["tokens"] != pad))
+        ends = jnp.where(readable >= 0, readable, ends)
     nodes = batch["response_nodes"]  # [NG, K, M], the path's real steps first
     depth = jnp.maximum(jnp.sum(nodes >= 0, axis=-1) - 1, 0)  # [NG, K]
     leaf = jnp.take_along_axis(nodes, depth[..., None], axis=-1)[..., 0]  # [NG, K]
@@ -138,7 +152,8 @@ def response_rewards(graphdef: nnx.GraphDef, params: Any, batch: Batch, *, num_n
 
 def reward_inputs(spec: LogpSpec, params: Any, batch: Batch) -> losses.LossInputs:
     """The :class:`jaxpo.losses.LossInputs` of a reward model on ``batch``: ``rewards``
-    ``[NG, K]`` and no log-probs (its head has no next-token distribution)."""
+    ``[NG, K]`` and no log-probs (its head has no next-token distribution); the pairs'
+    ``margin`` ``[NG]`` when the batch carries it."""
     rewards = response_rewards(spec.graphdef, params, batch, num_nodes=spec.num_nodes)
     counts = gather_steps(_node_counts(batch, spec.num_nodes), batch["response_nodes"])
     return losses.LossInputs(
@@ -148,6 +163,7 @@ def reward_inputs(spec: LogpSpec, params: Any, batch: Batch) -> losses.LossInput
         num_tokens=jnp.sum(counts, axis=-1),  # [NG, K]
         response_mask=batch["response_mask"].astype(bool),
         group_mask=batch["group_mask"].astype(bool),
+        reward_margin=batch["margin"].astype(jnp.float32) if "margin" in batch else None,
     )
 
 

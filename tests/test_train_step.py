@@ -228,6 +228,35 @@ def test_gradient_accumulation_equals_one_batch_of_all_groups():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_low_precision_gradients_accumulate_in_float32():
+    """bf16 params: 8 micro-batches that are the same batch give exactly that batch's
+    gradient (summed in float32, 8g/8 = g), where a running bf16 sum rounds at 3g, 5g, 7g."""
+    cfg = get_preset("tiny", vocab_size=VOCAB, num_layers=1, hidden_size=32,
+                     intermediate_size=64, num_heads=2, num_kv_heads=1,
+                     param_dtype="bfloat16", dtype="float32")
+    graphdef, params = state_lib.split_model(Transformer(cfg, rngs=nnx.Rngs(params=0)))
+    _, ref_params = state_lib.split_model(Transformer(cfg, rngs=nnx.Rngs(params=1)))
+    (batch, _), _, _ = pair_batch(seed=3, ng=2)
+
+    def gradient(batches):
+        tx = _sgd_keeping_gradient(0.5)
+        _, step = _single_device_step("dpo", "model", graphdef, tx=tx)
+        state = state_lib.new_state(jax.tree.map(jnp.copy, params), tx)
+        new_state, _ = step(state, ref_params, step_lib.stack(*batches))
+        return jax.tree.leaves(_copy(new_state.opt_state))
+
+    one, eight = gradient([batch]), gradient([batch] * 8)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in eight)
+    rounded = 0
+    for a, b in zip(eight, one):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        running = jnp.zeros(b.shape, jnp.bfloat16)
+        for _ in range(8):
+            running = running + b
+        rounded += int(np.sum(np.asarray(running / 8, np.float32) != np.asarray(b, np.float32)))
+    assert rounded > 0  # the check tells a bf16 running sum apart
+
+
 def _sgd_keeping_gradient(lr):
     """SGD whose optimiser state is the last gradient it was given (to compare gradients)."""
 

@@ -116,13 +116,17 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, *,
                        **batch_metrics(inputs, spec.metrics_beta, spec.objective.logps)}
             if inputs.kto_kl is not None:
                 metrics["kl"] = jnp.mean(inputs.kto_kl).astype(jnp.float32)  # TRL's name
-            return (jax.tree.map(jnp.add, grads_sum, grads), stats), metrics
+            grads_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grads_sum, grads)
+            return (grads_sum, stats), metrics
 
-        with spec.rules_context():
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, stats), metrics = jax.lax.scan(micro, (zeros, state.stats), batch)
         count = batch["tokens"].shape[0]
-        grads = jax.tree.map(lambda g: g / count, grads)
+        with spec.rules_context():
+            # Several micro-batches of low-precision (bf16) params sum their gradients in
+            # float32, so that small ones are not rounded away; the mean is cast back.
+            zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=_accum_dtype(p, count)),
+                                 state.params)
+            (grads, stats), metrics = jax.lax.scan(micro, (zeros, state.stats), batch)
+        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
         metrics = jax.tree.map(jnp.mean, metrics)  # [A] -> []
         loss = metrics["loss"]
         # A non-finite loss with finite gradients is still a bad step: make apply_if_finite
@@ -148,6 +152,15 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation, *,
     return jax.jit(train_step,
                    in_shardings=(state_shardings, ref_shardings, batch_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def _accum_dtype(param: jax.Array, micro_batches: int) -> jnp.dtype:
+    """The dtype gradients of ``param`` are summed in over the micro-batches: float32 for
+    floating params below it when there are several, else the param's own."""
+    dtype = jnp.dtype(param.dtype)
+    if micro_batches > 1 and jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 def skipped(opt_state: Any, counter: str) -> jax.Array:

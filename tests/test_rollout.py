@@ -182,6 +182,41 @@ def test_rounds_compile_once_and_the_state_restores_the_batches(tmp_path, compil
     assert it.get_state()["samples"] != first
 
 
+def test_iterative_rounds_give_the_held_out_records_their_reference(tmp_path):
+    """With a refreshed reference each round computes the round-start policy's log-probs of the
+    held-out pairs: evaluated with those params, policy = reference (loss log 2, margins 0),
+    and the table survives the checkpointed state."""
+    config = rollout.resolve(load_config(None, [
+        "--config.rollout.enabled=true", f"--config.rollout.reward={__name__}:early_letters",
+        "--config.rollout.every=3", "--config.rollout.prompts_per_rollout=4",
+        "--config.rollout.num_samples=3", "--config.rollout.max_new_tokens=6",
+        "--config.data.batch_size=4", "--config.data.max_length=24",
+        "--config.data.max_prompt_length=12", "--config.train.eval_batches=2"]))
+    assert config.reference.mode == "precomputed"
+    train_files, eval_files = inputs.data_files(config, str(tmp_path))
+    config, run = loop.resolved_run(config, train_files)
+    builder = inputs.group_builder(config, run.tokenizer, run.label_mapping)
+    it = rollout.RolloutIterator(run, builder, train_files, str(tmp_path))
+    it.track_eval(inputs.source(config, eval_files), builder)
+    assert it.eval_records() == []  # no round yet
+    params = run.initial_params()
+    it.rollout(params, 0)
+    records = it.eval_records()
+    assert len(records) > 8 and all("ref_chosen_logps" in r.data for r in records)
+    evaluator = loop._Evaluator(run, eval_files, builder, True, records=it.eval_records)
+    metrics = evaluator(params, None)
+    assert metrics["eval/groups"] == 8  # eval_batches=2 batches of 4
+    np.testing.assert_allclose(metrics["eval/loss"], np.log(2.0), rtol=1e-5)
+    np.testing.assert_allclose(metrics["eval/rewards/margins"], 0.0, atol=1e-5)
+    again = rollout.RolloutIterator(run, builder, train_files, str(tmp_path))
+    again.track_eval(inputs.source(config, eval_files), builder)
+    again.set_state(json.loads(json.dumps(it.get_state())))
+    assert [r.data for r in again.eval_records()] == [r.data for r in records]
+    # `jaxpo eval` of such a run says where its metrics are and how to evaluate otherwise
+    with pytest.raises(ValueError, match="reference.mode=model"):
+        loop.evaluate(config, str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -229,7 +264,7 @@ cfg = replace(Config(), {
     "data": {"max_length": 24, "max_prompt_length": 12, "batch_size": 4},
     "rollout": {"enabled": True, "every": EVERY, "prompts_per_rollout": 4, "num_samples": 3,
                 "max_new_tokens": 6, "reward": "test_rollout:early_letters"},
-    "train": {"steps": STEPS, "checkpoint_every": 2, "eval_every": 0, "log_every": 1,
+    "train": {"steps": STEPS, "checkpoint_every": 2, "eval_every": 5, "log_every": 1,
               "eval_batches": 1, "seed": 3},
 })
 summary = loop.train(cfg, workdir, progress=False)
@@ -279,6 +314,13 @@ def test_sigkill_resume_of_a_rollout_run_is_bitwise_exact(tmp_path, every):
 
     assert sampled(interrupted) == sampled(straight)
     assert len(sampled(straight)) == -(-STEPS // every)
+
+    def evaluated(workdir):  # held-out metrics (iterative: against the round's reference)
+        return [(r["step"], r["eval/loss"]) for r in _jsonl(workdir, "metrics.jsonl")
+                if "eval/loss" in r]
+
+    assert [s for s, _ in evaluated(straight)] == [5, 10]
+    assert evaluated(interrupted)[-1] == evaluated(straight)[-1]
 
 
 @pytest.mark.slow

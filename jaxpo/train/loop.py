@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxpo.config import Config, differences, from_dict
-from jaxpo.data import resolve_batch_shapes
+from jaxpo.data import make_eval_iterator, resolve_batch_shapes
 from jaxpo.data.errors import BadRecordError
 from jaxpo.data.mismatched import KL_KEYS
 from jaxpo.sharding import batch_shardings, make_global_batch
@@ -86,10 +86,13 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
     config, run = resolved_run(config, train_files)
     builders = _builders(run, train_files, eval_files)
     with_ref = run.reference_mode == "precomputed"
+    eval_records = None
     if config.rollout.enabled:  # the policy's own samples (jaxpo.train.rollout)
         it = rollout_lib.RolloutIterator(run, builders["train"], train_files, workdir)
-        if with_ref:  # the reference is refreshed per round: held-out data has no log-probs
-            eval_files = ()
+        if with_ref and eval_files:  # the reference is refreshed per round: each round also
+            # computes its log-probs of the held-out records, which the evaluation reads
+            it.track_eval(inputs.source(config, eval_files), builders["eval"])
+            eval_records = it.eval_records
     else:
         it = inputs.train_iterator(config, train_files, builders["train"],
                                    with_ref_logps=with_ref, mismatched_pairs=run.mismatched_pairs)
@@ -99,7 +102,8 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
     writer = metrics_lib.MetricsWriter(workdir, resume_step=resumed, enabled=_is_main())
     bar = metrics_lib.ProgressBar(total, start, enabled=progress and _is_main())
     logger = _Logger(run, it, writer, bar, start)
-    evaluator = _Evaluator(run, eval_files, builders["eval"], with_ref) if eval_files else None
+    evaluator = (_Evaluator(run, eval_files, builders["eval"], with_ref, records=eval_records)
+                 if eval_files else None)
     step_fn, shardings, last_eval = None, None, {}
     keys = _batch_keys(run, with_ref)
     try:
@@ -165,6 +169,14 @@ def evaluate(config: Config, workdir: str | None = None, *, untrained: bool = Fa
              ) -> dict[str, Any]:
     """Eval metrics (``eval/``-prefixed) on ``data.eval_files`` (or the synthetic held-out
     split) for the newest checkpoint in ``workdir`` (the untrained model only when asked)."""
+    r = config.reference
+    if config.rollout.enabled and r.mode == "precomputed" and not r.cache_dir:
+        raise ValueError(
+            "this on-policy run refreshed its reference every round (config.rollout."
+            "refresh_reference), so there is no one reference to evaluate against: its "
+            "held-out metrics against each round's reference are the eval/* lines of "
+            f"{os.path.join(workdir or '<workdir>', 'metrics.jsonl')}; to evaluate the "
+            "checkpoint against the starting model, add --config.reference.mode=model")
     train_files, eval_files = inputs.data_files(config, workdir or tempfile.mkdtemp("jaxpo"))
     if not eval_files:
         raise ValueError("config.data.eval_files is empty: nothing to evaluate on")
@@ -544,10 +556,13 @@ class _Evaluator:
     """``evaluator(params, ref_params) -> eval metrics`` over up to ``train.eval_batches``
     batches (0: all), with one compiled eval step for the whole run. Aggregated as TRL's
     evaluation does: ``loss`` is the mean over groups (each batch weighted by its groups),
-    every other metric the mean over batches of the batch means."""
+    every other metric the mean over batches of the batch means. ``records``, when given,
+    returns the records to evaluate instead of reading ``files`` (an iterative on-policy run's
+    held-out records with the round's reference log-probs)."""
 
-    def __init__(self, run: Run, files, builder, with_ref: bool):
+    def __init__(self, run: Run, files, builder, with_ref: bool, records=None):
         self.run, self.files, self.builder, self.with_ref = run, files, builder, with_ref
+        self.records = records
         self.fn = run.eval_step()
         self.keys = _batch_keys(run, with_ref)
 
@@ -555,9 +570,17 @@ class _Evaluator:
         run = self.run
         sums: dict[str, float] = {}
         batches, groups = 0, 0.0
-        it = inputs.eval_iterator(run.config, self.files, self.builder,
-                                  with_ref_logps=self.with_ref,
-                                  mismatched_pairs=run.mismatched_pairs)
+        if self.records is None:
+            it = inputs.eval_iterator(run.config, self.files, self.builder,
+                                      with_ref_logps=self.with_ref,
+                                      mismatched_pairs=run.mismatched_pairs)
+        else:
+            records = self.records()
+            if not records:  # no round yet, or the length limits leave nothing
+                self.counters = {}
+                return {}
+            it = make_eval_iterator(records, self.builder, run.config.data,
+                                    with_ref_logps=self.with_ref)
         for i, local in enumerate(it):
             if run.config.train.eval_batches and i >= run.config.train.eval_batches:
                 break

@@ -12,7 +12,8 @@ A run with ``rollout.enabled`` trains on rounds of its own samples (docs/onpolic
                 dropped and counted), lists (the distinct samples with their rewards) or
                 trees (samples sharing leading words share steps)
       reference with rollout.refresh_reference, the current policy's log-probs of the round's
-                records become their precomputed reference (iterative DPO)
+                records become their precomputed reference (iterative DPO), and those of the
+                held-out records the reference their evaluation reads during the round
       train     rollout.every updates on batches of the round's records, through the same
                 GroupBuilder, packing and train step as data files
 
@@ -275,6 +276,9 @@ class RolloutIterator(grain.DatasetIterator):
             run.graphdef, p, b, num_nodes=run.num_nodes,
             chunk_size=run.config.model.logprob_chunk_size).logps)  # [NG, K]
         self.round, self.samples, self.records = -1, {}, []
+        self.eval_source: list[RawRecord] = []  # held-out records (refreshed reference only)
+        self.eval_builder = None
+        self.eval_table: list[list[float | None]] | None = None  # their round reference
         self.inner = None
         self.last_end = None  # when the previous round's sampling ended (train time after it)
 
@@ -300,6 +304,10 @@ class RolloutIterator(grain.DatasetIterator):
                 "config.rollout.num_samples, or check config.rollout.reward")
         if self.with_ref:
             self._attach_reference(params)
+            if self.eval_source:
+                table = self._logps_table(self.eval_source, self.eval_builder, params)
+                self.eval_table = [[None if np.isnan(x) else float(x) for x in row]
+                                   for row in table]
         self.inner = self._batches()
         self.last_end = time.perf_counter()
         seconds = self.last_end - start
@@ -336,25 +344,45 @@ class RolloutIterator(grain.DatasetIterator):
                 "rollout/groups": float(len(self.records)), "rollout/tokens": float(tokens),
                 "rollout/attempt": float(attempt)}
 
+    def _logps_table(self, source: Sequence[RawRecord], builder: Any, params: Any
+                     ) -> np.ndarray:
+        """``[len(source), K]`` float32: the policy's log-prob of each record's responses (NaN
+        where the record or response is left out)."""
+        data = self.run.config.data
+        table = np.full((len(source), data.max_responses), np.nan, np.float32)
+        for local in make_eval_iterator(source, builder, data):
+            logps = host_value(self.logps(params, {k: local[k] for k in BATCH_KEYS}))
+            fill_table(table, local, logps)
+        return table
+
     def _attach_reference(self, params: Any) -> None:
         """Writes the policy's log-probs of each record's responses into the record (its
         reference for this round); records the length limits drop are dropped here too."""
-        data = self.run.config.data
-        table = np.full((len(self.records), data.max_responses), np.nan, np.float32)
-        for local in make_eval_iterator(self._source(), self.builder, data):
-            logps = host_value(self.logps(params, {k: local[k] for k in BATCH_KEYS}))
-            fill_table(table, local, logps)
-        kept = []
-        for record, row in zip(self.records, table):
-            k = 2 if "chosen" in record else len(record["responses"])
-            if np.isnan(row[:k]).any():
+        table = self._logps_table(self._source(), self.builder, params)
+        self.records = [r for r, row in zip(self.records, table) if _with_reference(r, row)]
+
+    # Held-out evaluation against the round's reference ----------------------------------
+
+    def track_eval(self, source: Sequence[RawRecord], builder: Any) -> None:
+        """Keeps the held-out records so that each round (with a refreshed reference) also
+        computes their reference log-probs: :meth:`eval_records` hands them to the
+        evaluation."""
+        self.eval_source, self.eval_builder = list(source), builder
+
+    def eval_records(self) -> list[RawRecord]:
+        """The held-out records with the current round's reference log-probs (those the
+        length limits leave out are left out); empty before the first round."""
+        if self.eval_table is None:
+            return []
+        out = []
+        for raw, row in zip(self.eval_source, self.eval_table):
+            if raw.error is not None or not isinstance(raw.data, dict):
                 continue
-            if "chosen" in record:
-                record |= {"ref_chosen_logps": float(row[0]), "ref_rejected_logps": float(row[1])}
-            else:
-                record["ref_logps"] = [float(x) for x in row[:k]]
-            kept.append(record)
-        self.records = kept
+            record = dict(raw.data)
+            row = np.asarray([np.nan if x is None else x for x in row], np.float32)
+            if _with_reference(record, row):
+                out.append(RawRecord(raw.id, record, raw.where))
+        return out
 
     def _source(self) -> list[RawRecord]:
         where = f"<rollout round {self.round}>"
@@ -400,15 +428,38 @@ class RolloutIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {"round": self.round, "samples": self.samples, "records": self.records,
+                "eval_reference": self.eval_table,
                 "batches": self.inner.get_state() if self.inner is not None else None}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.round, self.samples = int(state["round"]), dict(state["samples"])
         self.records = list(state["records"])
+        self.eval_table = state.get("eval_reference")
         self.inner = None
         if state["batches"] is not None:
             self.inner = self._batches()
             self.inner.set_state(state["batches"])
+
+
+def _with_reference(record: dict[str, Any], row: np.ndarray) -> bool:
+    """Writes a pair's ``ref_chosen_logps``/``ref_rejected_logps`` (a list's ``ref_logps``)
+    from ``row`` into ``record``; False, leaving it unchanged, when a value is missing or the
+    record is of a kind whose reference is not one value per response."""
+    if "chosen" in record and "rejected" in record:
+        if np.isnan(row[:2]).any():
+            return False
+        record |= {"ref_chosen_logps": float(row[0]), "ref_rejected_logps": float(row[1])}
+        return True
+    responses = record.get("responses")
+    if not isinstance(responses, list) or not responses or len(responses) > len(row):
+        return False
+    if "tree" in record or any(isinstance(r, dict) and "steps" in r for r in responses):
+        return False
+    k = len(responses)
+    if np.isnan(row[:k]).any():
+        return False
+    record["ref_logps"] = [float(x) for x in row[:k]]
+    return True
 
 
 def round_prompts(pool_size: int, n: int, round_: int, seed: int) -> list[int]:

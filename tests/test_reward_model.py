@@ -28,7 +28,7 @@ from jaxpo.tasks import synthetic
 from jaxpo.train import loop
 from jaxpo.train.loss_inputs import BATCH_KEYS, response_rewards
 from jaxpo.train.reward_model import load_scorer
-from jaxpo.train.setup import build_objective, check
+from jaxpo.train.setup import build_objective, build_run, check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET = os.path.join(ROOT, "configs", "rm_tiny.py")
@@ -304,6 +304,29 @@ def test_a_reward_model_starts_from_a_causal_lm_checkpoint(tiny_rm, tmp_path):
     np.testing.assert_array_equal(rm.score[...], np.zeros((model.config.hidden_size, 1)))
     np.testing.assert_array_equal(rm.layers.mlp.up[...], model.layers.mlp.up[...])
     np.testing.assert_array_equal(rm.embed[...], model.embed[...])
+
+
+def test_a_reward_model_starts_from_a_causal_lm_run(tmp_path):
+    """model.init_from = a jaxpo causal-LM workdir with model.head=reward: that run's decoder
+    and a zero score head; the other way round is refused by name."""
+    lm_dir = str(tmp_path / "sft")
+    sft = load_config(os.path.join(ROOT, "configs", "sft_tiny.py"),
+                      ["--config.train.steps=1", "--config.train.checkpoint_every=1"])
+    loop.train(sft, lm_dir, progress=False)
+    lm_params, _, _ = loop.load_params(build_run(sft), lm_dir)
+    rm_run = build_run(load_config(PRESET, [f"--config.model.init_from={lm_dir}"]))
+    rm_params = rm_run.initial_params()
+    lm_flat, rm_flat = (dict(nnx.to_flat_state(p)) for p in (lm_params, rm_params))
+    assert set(rm_flat) == set(lm_flat) - {("lm_head",)} | {("score",)}
+    for path, value in rm_flat.items():
+        want = np.zeros(value.shape) if path == ("score",) else lm_flat[path].get_value()
+        np.testing.assert_array_equal(value.get_value(), want, err_msg=str(path))
+    rm_dir = str(tmp_path / "rm")
+    loop.train(load_config(PRESET, ["--config.train.steps=1", "--config.train.eval_every=0"]),
+               rm_dir, progress=False)
+    with pytest.raises(ValueError, match="is a reward model"):
+        build_run(load_config(os.path.join(ROOT, "configs", "sft_tiny.py"),
+                              [f"--config.model.init_from={rm_dir}"])).initial_params()
 
 
 def _export(model, path):

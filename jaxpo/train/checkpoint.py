@@ -115,10 +115,11 @@ class Checkpointer:
         return TrainState(step=rest["step"], params=restored["params"],
                           opt_state=rest["opt_state"], stats=rest["stats"])
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the policy params of checkpoint ``step`` (e.g. to start another run)."""
+    def restore_params(self, step: int, abstract_params: Any, *, strict: bool = True) -> Any:
+        """Only the policy params of checkpoint ``step`` (e.g. to start another run);
+        ``strict=False`` restores the part of them that ``abstract_params`` names."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+            params=ocp.args.StandardRestore(abstract_params, strict=strict)))
         return restored["params"]
 
     def set_aside(self, step: int) -> str:

@@ -225,6 +225,22 @@ def _params_of_run(workdir: str, abstract_params: Any) -> Any:
                 f"config.model.init_from={workdir!r} is a LoRA run (its checkpoints hold only "
                 "adapters); write its merged model with `jaxpo export --merge --workdir="
                 f"{workdir} --out=DIR` and start from config.model.path=DIR")
+        stored_head = stored.get("model", {}).get("head", "lm")
+        wants_reward = "score" in abstract_params
+        if stored_head == "reward" and not wants_reward:
+            raise ValueError(f"config.model.init_from={workdir!r} is a reward model "
+                             "(model.head=reward): a causal LM cannot start from it")
+        if wants_reward and stored_head != "reward":
+            # A reward model from a causal LM run: its decoder, and a zero score head so that
+            # every reward starts at 0 (the LM's unembedding is not read).
+            flat = dict(nnx.to_flat_state(abstract_params))
+            score = flat.pop(("score",))
+            params = ckpt.restore_params(step, nnx.from_flat_state(flat), strict=False)
+            zeros = jax.jit(lambda: jnp.zeros(score.shape, score.dtype),
+                            out_shardings=score.sharding)()
+            flat = dict(nnx.to_flat_state(params))
+            flat[("score",)] = score.replace(zeros)
+            return nnx.from_flat_state(flat)
         return ckpt.restore_params(step, abstract_params)
     finally:
         ckpt.close()

@@ -172,6 +172,39 @@ def test_resume_moves_between_process_counts(one_process, cache):
 
 
 @pytest.mark.slow
+def test_iterative_rollout_is_the_same_on_two_processes(tmp_path, cache):
+    """Sampling, scoring, the refreshed reference and training of an on-policy run give the
+    same losses and params on 1 process x 8 devices and 2 x 4 interleaved."""
+    rollout = {"rollout": {"enabled": True, "every": 2, "prompts_per_rollout": 8,
+                           "num_samples": 3, "max_new_tokens": 6, "reward": "task"},
+               "data": {"max_length": 24, "max_prompt_length": 12}}
+    one = tmp_path / "one"
+    assert _job(cache, processes=1, workdir=str(one), train=True, config=rollout)["step"] == 4
+    two = tmp_path / "two"
+    out = _job(cache, processes=2, order="interleaved", workdir=str(two), train=True,
+               config=rollout)
+    assert out["step"] == 4 and out["orders"][0] == [0, 1] * 4
+    _assert_same_run(two, one)
+    with open(two / "metrics.jsonl") as f:
+        rounds = [r for r in map(json.loads, f) if "rollout/round" in r]
+    assert [r["rollout/round"] for r in rounds] == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_hugging_face_checkpoint_trains_the_same_on_two_processes(tmp_path, cache):
+    """model.path: each process reads only its devices' shards of the safetensors files (no
+    array is compared across processes: _job checks), and the run is the one-process run."""
+    hf = {"model": {"preset": "", "path": os.path.join(os.path.dirname(__file__), "fixtures",
+                                                       "parity", "model")}}
+    one = tmp_path / "one"
+    assert _job(cache, processes=1, workdir=str(one), train=True, config=hf)["step"] == 4
+    two = tmp_path / "two"
+    out = _job(cache, processes=2, order="interleaved", workdir=str(two), train=True, config=hf)
+    assert out["step"] == 4
+    _assert_same_run(two, one)
+
+
+@pytest.mark.slow
 def test_precomputed_reference_is_the_same_for_any_process_count(tmp_path, cache):
     dirs = {n: str(tmp_path / f"ref{n}") for n in (1, 2)}
     use = {n: {"reference": {"mode": "precomputed", "cache_dir": dirs[3 - n]},

@@ -82,6 +82,21 @@ def test_precomputed_training_equals_in_step_reference(files, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_a_cached_reference_run_loads_the_initial_model_once(files, tmp_path, monkeypatch):
+    """The cache key fingerprints the initial params; a fresh start trains from the same
+    arrays instead of reading the checkpoint a second time."""
+    from jaxpo.train.setup import Run
+
+    cache = str(tmp_path / "ref")
+    loop.precompute_reference(_config(files, cache), cache)
+    loads = []
+    original = Run.initial_params
+    monkeypatch.setattr(Run, "initial_params", lambda self: loads.append(1) or original(self))
+    summary = loop.train(_config(files, cache), str(tmp_path / "run"), progress=False)
+    assert summary["step"] == 1 and len(loads) == 1
+    np.testing.assert_allclose(summary["final"]["loss"], np.log(2.0), rtol=1e-5)
+
+
 def test_stale_or_missing_cache_is_an_error(tmp_path):
     files = synthetic.write_task(str(tmp_path / "data"), "pair", num_train=12, num_eval=4, seed=1)
     cache = str(tmp_path / "ref")

@@ -84,7 +84,10 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
     config = rollout_lib.resolve(config)  # an on-policy run's data kind and reference
     train_files, eval_files = inputs.data_files(config, workdir)
     config, run = resolved_run(config, train_files)
-    builders = _builders(run, train_files, eval_files)
+    # The initial params, when the reference cache's key needs them, are loaded once: the
+    # fresh start below uses the same arrays.
+    initial = run.initial_params() if _cache_key_needs_params(run) else None
+    builders = _builders(run, train_files, eval_files, initial)
     with_ref = run.reference_mode == "precomputed"
     eval_records = None
     if config.rollout.enabled:  # the policy's own samples (jaxpo.train.rollout)
@@ -97,7 +100,8 @@ def _train(config: Config, workdir: str, progress: bool, preempted: _Flag) -> di
         it = inputs.train_iterator(config, train_files, builders["train"],
                                    with_ref_logps=with_ref, mismatched_pairs=run.mismatched_pairs)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    state, ref_params, resumed = _start(run, ckpt, it)
+    state, ref_params, resumed = _start(run, ckpt, it, initial)
+    del initial  # the state holds its own copy
     start, total = int(state.step), config.train.steps
     writer = metrics_lib.MetricsWriter(workdir, resume_step=resumed, enabled=_is_main())
     bar = metrics_lib.ProgressBar(total, start, enabled=progress and _is_main())
@@ -431,17 +435,26 @@ class _Flag:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _builders(run: Run, train_files, eval_files) -> dict[str, Any]:
+def _cache_key_needs_params(run: Run) -> bool:
+    """Whether the run reads a precomputed reference cache (whose key fingerprints the
+    initial params)."""
+    return run.reference_mode == "precomputed" and bool(run.config.reference.cache_dir)
+
+
+def _builders(run: Run, train_files, eval_files, initial: Any = None) -> dict[str, Any]:
     """Group builders per split; with a precomputed reference cache they attach its log-probs
     (without a cache dir the records carry them: ``ref_chosen_logps``/``ref_rejected_logps``
-    for pairs, ``ref_logps`` for lists and unpaired records)."""
+    for pairs, ``ref_logps`` for lists and unpaired records). ``initial``: the initial params
+    when already loaded (the cache key fingerprints them)."""
     base = inputs.group_builder(run.config, run.tokenizer, run.label_mapping,
                                 run.objective.kinds)
-    cache_dir = run.config.reference.cache_dir
-    if run.reference_mode != "precomputed" or not cache_dir:
+    if not _cache_key_needs_params(run):
         return {"train": base, "eval": base}
+    cache_dir = run.config.reference.cache_dir
     files = {"train": tuple(train_files), "eval": tuple(eval_files)}
-    key = ref_lib.cache_key(run.model_cfg, run.initial_params(), inputs.tokenizer_dir(run.config),
+    if initial is None:
+        initial = run.initial_params()
+    key = ref_lib.cache_key(run.model_cfg, initial, inputs.tokenizer_dir(run.config),
                             run.config.data, files)
     tables = ref_lib.load_cache(cache_dir, key)
     return {split: inputs.WithReference(base, tables[split]) for split in tables}
@@ -455,11 +468,16 @@ SAFE_TO_CHANGE = frozenset({
 })
 
 
-def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it) -> tuple[Any, Any, int | None]:
-    """``(state, reference params, resumed step or None)``: restored or fresh. A checkpoint
-    that cannot be read is skipped (with a warning naming it) for the one before it."""
+def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it, initial: Any = None
+           ) -> tuple[Any, Any, int | None]:
+    """``(state, reference params, resumed step or None)``: restored or fresh (from
+    ``initial``, the initial params if already loaded). A checkpoint that cannot be read is
+    skipped (with a warning naming it) for the one before it."""
     steps = sorted(ckpt.all_steps(), reverse=True)
-    initial = run.initial_params() if not steps or run.frozen_initial else None
+    if not steps or run.frozen_initial:
+        initial = run.initial_params() if initial is None else initial
+    else:
+        initial = None
     if not steps:
         return run.new_state(run.trainable(initial)), run.reference_params(initial), None
     _check_resumable(run, ckpt, steps[0])

@@ -82,17 +82,24 @@ RECORDS = {
 # ----------------------------------------------------------------------------- fixtures
 
 
+def tiny_llama_config(**extra):
+    """The parity fixtures' tiny Llama shape on the ``tokenizer_llama3`` fixture's vocabulary."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    return LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5,
+                       initializer_range=0.2, tie_word_embeddings=False,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra)
+
+
 def build_models(out: str) -> None:
     """``out/model`` (policy, with the tokenizer files) and ``out/ref_model`` (weights only)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5,
-                      initializer_range=0.2, tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tiny_llama_config()
     for name, seed in (("model", 0), ("ref_model", 1)):
         path = os.path.join(out, name)
         shutil.rmtree(path, ignore_errors=True)

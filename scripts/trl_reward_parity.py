@@ -33,6 +33,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 OUT = os.path.join(ROOT, "tests", "fixtures", "parity_rm")
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "data", "tokenizer_llama3")
+sys.path.insert(0, HERE)
+from trl_parity import tiny_llama_config  # the same tiny shape
+
 METRICS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward")
 
 EXPLICIT = [
@@ -72,14 +75,9 @@ RECORDS = {
 
 def build_model(out: str) -> None:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5,
-                      initializer_range=0.2, tie_word_embeddings=False, num_labels=1,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tiny_llama_config(num_labels=1)
     path = os.path.join(out, "model")
     shutil.rmtree(path, ignore_errors=True)
     torch.manual_seed(0)

@@ -184,6 +184,41 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, capsys)
     assert _summary(captured.out)["resumed_from"] == 1
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_the_older_data_format_resumes_or_says_why(tmp_path, capsys):
+    """Checkpoints whose data position is grain's per-process files (older jaxpo) are complete
+    checkpoints, not corrupt ones: one process's resumes the same data sequence; several
+    processes' cannot be continued, which the error says (and nothing is set aside)."""
+    import shutil
+
+    first = tmp_path / "first"
+    assert _train(first, "--config.train.steps=2", "--config.train.checkpoint_every=2") == 0
+    legacy = tmp_path / "legacy"
+    shutil.copytree(first, legacy)
+    data = legacy / "checkpoints" / "2" / "data"
+    state = (data / "metadata").read_text()
+    (data / "metadata").unlink()
+    (data / "process_0-of-1.json").write_text(state)
+    for workdir in (first, legacy):
+        assert _train(workdir, "--config.train.steps=4", "--config.train.checkpoint_every=2") == 0
+    capsys.readouterr()
+    losses = [[json.loads(line)["loss"] for line in (w / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line] for w in (first, legacy)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+    two = tmp_path / "two"
+    shutil.copytree(first, two)
+    data = two / "checkpoints" / "4" / "data"
+    (data / "metadata").unlink()
+    for p in range(2):
+        (data / f"process_{p}-of-2.json").write_text(state)
+    shutil.rmtree(two / "checkpoints" / "2")
+    assert _train(two, "--config.train.steps=6") == 2
+    err = capsys.readouterr().err
+    assert "saved per process by an older jaxpo" in err and "model.init_from" in err
+    assert (two / "checkpoints" / "4").is_dir() and not (two / "corrupt_checkpoints").exists()
+
+
 def test_a_kind_the_objective_cannot_use_is_an_error(tmp_path, capsys):
     data = tmp_path / "unpaired.jsonl"
     data.write_text(json.dumps({"prompt": "sort: b a ->", "completion": " a b",

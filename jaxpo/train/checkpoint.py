@@ -23,6 +23,7 @@ appears (atomically) only when complete.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -32,6 +33,10 @@ import orbax.checkpoint as ocp
 from jaxpo.train.state import TrainState
 
 JSON_ITEMS = ("config", "meta")
+
+
+class LegacyCheckpointError(ValueError):
+    """A complete checkpoint in a format this version cannot continue (not a corrupt one)."""
 
 
 class Checkpointer:
@@ -104,16 +109,40 @@ class Checkpointer:
         self.manager.wait_until_finished()
         items = {"params": ocp.args.StandardRestore(abstract_state.params),
                  "optimizer": ocp.args.StandardRestore(_optimizer_part(abstract_state))}
+        legacy = None
         if data is not None:
             if "data" not in self.item_names(step):
                 raise ValueError(f"{self.directory}/{step} has no data iterator state")
-            items["data"] = ocp.args.JsonRestore()
+            legacy = self._legacy_data_state(step)
+            if legacy is None:
+                items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         if data is not None:
-            data.set_state(restored["data"])
+            data.set_state(restored["data"] if legacy is None else legacy)
         rest = restored["optimizer"]
         return TrainState(step=rest["step"], params=restored["params"],
                           opt_state=rest["opt_state"], stats=rest["stats"])
+
+    def _legacy_data_state(self, step: int) -> dict[str, Any] | None:
+        """The data state of a checkpoint written by jaxpo before the data state became one
+        JSON item (``data/process_<p>-of-<P>.json``, one per process), else None. One
+        process's state is the global one; several processes each held a shard's position,
+        which the global batch order cannot continue: :class:`LegacyCheckpointError`."""
+        folder = os.path.join(self.directory, str(step), "data")
+        names = sorted(n for n in os.listdir(folder)
+                       if n.startswith("process_") and n.endswith(".json"))
+        if not names:
+            return None
+        if names != ["process_0-of-1.json"]:
+            raise LegacyCheckpointError(
+                f"{self.directory}/{step}: its data position was saved per process by an older "
+                f"jaxpo ({', '.join(names)}), and the data order is now the same for any number "
+                "of processes, so that position cannot be continued. Start the run anew from "
+                f"its weights with --config.model.init_from={os.path.dirname(self.directory)} "
+                "in a new --workdir (the data order restarts), or resume it with the jaxpo "
+                "version that wrote it")
+        with open(os.path.join(folder, names[0]), encoding="utf-8") as f:
+            return json.load(f)
 
     def restore_params(self, step: int, abstract_params: Any, *, strict: bool = True) -> Any:
         """Only the policy params of checkpoint ``step`` (e.g. to start another run);

@@ -484,6 +484,8 @@ def _start(run: Run, ckpt: ckpt_lib.Checkpointer, it, initial: Any = None
     for step in steps:
         try:
             state = ckpt.restore(step, run.abstract_state(), data=it)
+        except ckpt_lib.LegacyCheckpointError:
+            raise  # a complete checkpoint: not to be set aside
         except Exception as e:  # noqa: BLE001  (a truncated or corrupt checkpoint, any error)
             aside = ckpt.set_aside(step)
             print(f"warning: checkpoint {ckpt.directory}/{step} cannot be read "

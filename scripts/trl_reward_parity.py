@@ -16,7 +16,8 @@ It writes tests/fixtures/parity_rm/:
 - ``rm_expected.json``: per form, TRL's token ids of each chosen and rejected sequence (after
   its EOS appending and chat template), the reward of each from the model's own forward pass,
   and ``RewardTrainer.evaluate``'s metrics (``loss``, ``accuracy``, ``margin``,
-  ``mean_reward``, ``min_reward``, ``max_reward``) with all records in one batch.
+  ``mean_reward``, ``min_reward``, ``max_reward``) with all records in one batch; and
+  ``centered``: the explicit pairs' metrics with ``center_rewards_coefficient`` 0.05.
 
 ``tests/test_parity_trl_reward.py`` recomputes them with jaxpo from the files alone.
 """
@@ -90,8 +91,12 @@ def build_model(out: str) -> None:
         shutil.copy(os.path.join(TOKENIZER, f), os.path.join(path, f))
 
 
-def trl_form(out: str, records: list[dict], workdir: str) -> dict:
-    """TRL's ids, per-sequence rewards and evaluate() metrics for one form."""
+CENTER = 0.05  # center_rewards_coefficient of the "centered" run (explicit-prompt pairs)
+
+
+def trl_form(out: str, records: list[dict], workdir: str, center: float | None = None) -> dict:
+    """TRL's ids, per-sequence rewards and evaluate() metrics for one form (with
+    ``center_rewards_coefficient=center`` when given)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -102,7 +107,8 @@ def trl_form(out: str, records: list[dict], workdir: str) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     args = RewardConfig(output_dir=workdir, report_to="none", use_cpu=True, seed=0, bf16=False,
                         fp16=False, per_device_eval_batch_size=len(records),
-                        per_device_train_batch_size=len(records))
+                        per_device_train_batch_size=len(records),
+                        center_rewards_coefficient=center)
     ds = Dataset.from_list(records)
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds,
                             processing_class=tok)
@@ -130,6 +136,8 @@ def main() -> int:
             with open(os.path.join(OUT, f"pairs_{form}.jsonl"), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             expected["forms"][form] = trl_form(OUT, records, tmp)
+        expected["centered"] = trl_form(OUT, RECORDS["explicit"], tmp, CENTER)["metrics"]
+        expected["centered"]["center_rewards_coefficient"] = CENTER
     with open(os.path.join(OUT, "rm_expected.json"), "w", encoding="utf-8") as f:
         json.dump(expected, f, indent=1)
     print(json.dumps({form: r["metrics"] for form, r in expected["forms"].items()}, indent=1))

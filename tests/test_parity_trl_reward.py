@@ -6,7 +6,8 @@ random ``LlamaForSequenceClassification`` whose Llama-3-style tokenizer has no p
 pairs in four forms (explicit prompt, the same with a per-record ``margin`` column,
 conversational, implicit prompt), and ``rm_expected.json``: TRL's token ids of every chosen and
 rejected sequence, each one's reward from the model's forward pass, and
-``RewardTrainer.evaluate``'s metrics with all records in one batch (fp32).
+``RewardTrainer.evaluate``'s metrics with all records in one batch (fp32), and those of the
+explicit pairs with ``center_rewards_coefficient``.
 
 Here jaxpo recomputes them from the files alone (no torch): the ids from its group builder,
 the rewards from ``jaxpo score``'s scorer on the model directory, and the metrics from
@@ -38,7 +39,7 @@ def _records(form: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _config(form: str):
+def _config(form: str, *extra: str):
     from jaxpo.config import Config, apply_overrides
 
     path = os.path.join(FIXTURES, f"pairs_{form}.jsonl")
@@ -48,7 +49,7 @@ def _config(form: str):
         "--config.data.format=pair", "--config.data.max_length=128",
         "--config.data.max_prompt_length=96", "--config.data.batch_size=8",
         "--config.data.shuffle=false", "--config.loss.name=bradley_terry",
-        "--config.reference.mode=none"])
+        "--config.reference.mode=none", *extra])
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -98,3 +99,19 @@ def test_eval_metrics_match_trl(form):
     for key in METRICS:
         np.testing.assert_allclose(got[f"eval/{key}"], want[key], rtol=1e-4, atol=1e-5,
                                    err_msg=key)
+
+
+def test_centered_loss_matches_trl():
+    """TRL's center_rewards_coefficient: + c·mean((r_c + r_r)²), here
+    loss.kwargs=center_rewards_coefficient=c."""
+    from jaxpo.train import loop
+
+    with open(os.path.join(FIXTURES, "rm_expected.json"), encoding="utf-8") as f:
+        want = json.load(f)["centered"]
+    c = want["center_rewards_coefficient"]
+    got = loop.evaluate(_config("explicit", f"--config.loss.kwargs=center_rewards_coefficient={c}"),
+                        untrained=True)
+    for key in METRICS:
+        np.testing.assert_allclose(got[f"eval/{key}"], want[key], rtol=1e-4, atol=1e-5,
+                                   err_msg=key)
+    assert want["loss"] > _expected("explicit")["metrics"]["loss"] + 0.01  # the term counts

@@ -35,6 +35,7 @@ ROOT = os.path.dirname(HERE)
 OUT = os.path.join(ROOT, "tests", "fixtures", "parity_rm")
 TOKENIZER = os.path.join(ROOT, "tests", "fixtures", "data", "tokenizer_llama3")
 sys.path.insert(0, HERE)
+from trl_parity import RECORDS as DPO_RECORDS
 from trl_parity import tiny_llama_config  # the same tiny shape
 
 METRICS = ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward")
@@ -51,14 +52,7 @@ EXPLICIT = [
 RECORDS = {
     "explicit": EXPLICIT,
     "margin": [dict(r, margin=m) for r, m in zip(EXPLICIT, (0.5, 0.0, 2.0, -1.0, 1.25))],
-    "conversational": [
-        {"prompt": [{"role": "user", "content": "What color is the sky?"}],
-         "chosen": [{"role": "assistant", "content": "It is blue."}],
-         "rejected": [{"role": "assistant", "content": "It is green."}]},
-        {"prompt": [{"role": "system", "content": "Answer step by step."},
-                    {"role": "user", "content": "Add 20 and 1."}],
-         "chosen": [{"role": "assistant", "content": "First, add the numbers. The result is 21."}],
-         "rejected": [{"role": "assistant", "content": "12."}]},
+    "conversational": DPO_RECORDS["conversational"][:2] + [  # the DPO fixture's, short
         {"prompt": [{"role": "user", "content": "Hello!"},
                     {"role": "assistant", "content": "How can I help you today?"},
                     {"role": "user", "content": "Tell me a joke."}],
